@@ -1,0 +1,390 @@
+"""Curvature-product timings: curvature's operators against autograd, torch.func, PyHessian and curvlinops.
+
+Two problems (an MLP and a small CNN, 1024 samples each, CrossEntropyLoss with mean reduction). Every row
+is one way to get a Hessian (or GGN) product; all rows of a problem are timed round-robin: after warm-up,
+each repetition runs every row once in a fixed order, and the table reports the median over repetitions
+and its ratio to the median gradient time. A correctness check runs before any timing.
+
+Run (the peers are optional; their rows are skipped with a note when they are not importable):
+
+    python benchmarks/operators.py            # --reps 20 --device cpu --threads 2
+
+See benchmarks/README.md for the peer environment and recorded results.
+"""
+
+import os
+
+# Keep OpenMP workers spinning between the many short parallel regions of small products; this must be set
+# before torch (and with it libgomp) is loaded.
+os.environ.setdefault("GOMP_SPINCOUNT", "100000000")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import datetime  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable, Optional  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.func import functional_call, grad, jvp  # noqa: E402
+
+import curvature  # noqa: E402
+
+# The peers' own noise: curvlinops (via torch.jit.script) on import, PyHessian's loss.backward(create_graph=True).
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script. is deprecated")
+warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+
+try:
+    import pyhessian
+    import pyhessian.utils
+except ImportError:  # the project's own venv has no peers
+    pyhessian = None
+try:
+    import curvlinops
+except ImportError:
+    curvlinops = None
+
+NUM_SAMPLES = 1024
+K = 16
+CHECK_TOL = 1e-4  # float32: products agree to ~1e-6 relative; anything above this is a bug
+
+
+# -- problems ------------------------------------------------------------------------------------------
+@dataclass
+class Problem:
+    name: str
+    model: nn.Module
+    loss_fn: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def args(self) -> tuple:
+        """``(model, loss_fn, data)``, the positional arguments of curvature's operators."""
+        return self.model, self.loss_fn, (self.x, self.y)
+
+    @property
+    def params(self) -> list:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def mlp_problem(device: torch.device) -> Problem:
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))
+    x = torch.randn(NUM_SAMPLES, 64)
+    return _problem("MLP 64-128-128-10 (tanh)", model, x, device)
+
+
+def cnn_problem(device: torch.device) -> Problem:
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+    )
+    x = torch.randn(NUM_SAMPLES, 1, 16, 16)
+    return _problem("CNN conv8/2-conv16-pool4-linear (relu, 1x16x16)", model, x, device)
+
+
+def _problem(name: str, model: nn.Module, x: torch.Tensor, device: torch.device) -> Problem:
+    y = torch.randint(0, 10, (NUM_SAMPLES,))
+    return Problem(name, model.to(device), nn.CrossEntropyLoss(), x.to(device), y.to(device))
+
+
+# -- flat <-> list helpers (applied inside every non-curvature row, so all rows map flat to flat) --------
+def unflatten(v: torch.Tensor, params: list) -> list:
+    return [c.view_as(p) for c, p in zip(v.split([p.numel() for p in params]), params)]
+
+
+def flatten(ts) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+# -- reference products ----------------------------------------------------------------------------------
+def gradient(pb: Problem) -> torch.Tensor:
+    loss = pb.loss_fn(pb.model(pb.x), pb.y)
+    return flatten(torch.autograd.grad(loss, pb.params))
+
+
+def double_backward_hvp(pb: Problem, v: torch.Tensor) -> torch.Tensor:
+    params = pb.params
+    loss = pb.loss_fn(pb.model(pb.x), pb.y)
+    g = torch.autograd.grad(loss, params, create_graph=True)
+    return flatten(torch.autograd.grad(g, params, unflatten(v, params)))
+
+
+def func_hvp(pb: Problem, v: torch.Tensor) -> torch.Tensor:
+    names = [n for n, p in pb.model.named_parameters() if p.requires_grad]
+    primals = {n: p.detach() for n, p in zip(names, pb.params)}
+    tangents = dict(zip(names, unflatten(v, pb.params)))
+
+    def loss(p: dict) -> torch.Tensor:
+        return pb.loss_fn(functional_call(pb.model, p, (pb.x,)), pb.y)
+
+    out = jvp(grad(loss), (primals,), (tangents,))[1]
+    return flatten(out[n] for n in names)
+
+
+def double_backward_ggn(pb: Problem, v: torch.Tensor) -> torch.Tensor:
+    """``J^T (d2L/dz2) J v`` by autograd alone: ``J v`` through the double-backward trick."""
+    params = pb.params
+    z = pb.model(pb.x)
+    u = torch.zeros_like(z, requires_grad=True)
+    jt_u = torch.autograd.grad(z, params, u, create_graph=True)
+    jv = torch.autograd.grad(jt_u, u, unflatten(v, params))[0]
+    z_leaf = z.detach().requires_grad_(True)
+    dz = torch.autograd.grad(pb.loss_fn(z_leaf, pb.y), z_leaf, create_graph=True)[0]
+    hjv = torch.autograd.grad(dz, z_leaf, jv)[0]
+    return flatten(torch.autograd.grad(z, params, hjv))
+
+
+def columns(matvec: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -> torch.Tensor:
+    return torch.stack([matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+
+# -- peers -----------------------------------------------------------------------------------------------
+def pyhessian_matvec(pb: Problem) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """PyHessian's kept-graph product, on a deep copy (it switches the model to eval, fills .grad)."""
+    if pyhessian is None:
+        return None
+    twin = copy.deepcopy(pb.model)
+    hc = pyhessian.hessian(twin, pb.loss_fn, data=(pb.x, pb.y), cuda=pb.x.device.type == "cuda")
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        return flatten(pyhessian.utils.hessian_vector_product(hc.gradsH, hc.params, unflatten(v, hc.params)))
+
+    return matvec
+
+
+def curvlinops_operators(pb: Problem) -> Optional[tuple]:
+    if curvlinops is None:
+        return None
+    args = (pb.model, pb.loss_fn, pb.params, [(pb.x, pb.y)])
+    kwargs = {"check_deterministic": False, "num_data": NUM_SAMPLES}
+    return curvlinops.HessianLinearOperator(*args, **kwargs), curvlinops.GGNLinearOperator(*args, **kwargs)
+
+
+# -- rows ------------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    label: str
+    fn: Callable[[], torch.Tensor]
+    section: str  # "k=1" or "k=16"
+
+
+def build_rows(pb: Problem, v: torch.Tensor, V: torch.Tensor) -> tuple[list[Row], list[str]]:
+    """All timed rows of a problem; operators are built here, outside the timing."""
+    H = curvature.HessianOperator(*pb.args)
+    G = curvature.GGNOperator(*pb.args)
+    H_vec = curvature.HessianOperator(*pb.args, vectorize=True)
+    H_fresh = curvature.HessianOperator(*pb.args, keep_graph=False)
+    G_fresh = curvature.GGNOperator(*pb.args, keep_graph=False)
+
+    rows = [
+        Row("gradient (forward + backward)", lambda: gradient(pb), "k=1"),
+        Row("double-backward HVP, fresh", lambda: double_backward_hvp(pb, v), "k=1"),
+        Row("forward-over-reverse HVP (torch.func), fresh", lambda: func_hvp(pb, v), "k=1"),
+        Row("curvature H @ v", lambda: H @ v, "k=1"),
+        Row("curvature H @ v, fresh (keep_graph=False)", lambda: H_fresh @ v, "k=1"),
+        Row("curvature HessianOperator(...) @ v, one-shot", lambda: curvature.HessianOperator(*pb.args) @ v, "k=1"),
+        Row("curvature G @ v (GGN)", lambda: G @ v, "k=1"),
+        Row("curvature G @ v, fresh (keep_graph=False)", lambda: G_fresh @ v, "k=1"),
+    ]
+    notes = []
+    pyh = pyhessian_matvec(pb)
+    cl = curvlinops_operators(pb)
+    if pyh is not None:
+        rows.append(Row("pyhessian H @ v", lambda: pyh(v), "k=1"))
+    if cl is not None:
+        rows += [Row("curvlinops H @ v", lambda: cl[0] @ v, "k=1"), Row("curvlinops G @ v", lambda: cl[1] @ v, "k=1")]
+    rows += [
+        Row(f"curvature H @ V (P,{K})", lambda: H @ V, f"k={K}"),
+        Row("curvature H @ V, vectorize=True", lambda: H_vec @ V, f"k={K}"),
+        Row("curvature H @ V, fresh (keep_graph=False)", lambda: H_fresh @ V, f"k={K}"),
+        Row(f"curvature {K} x H @ v", lambda: columns(H.__matmul__, V), f"k={K}"),
+        Row(f"{K} x double-backward HVP, fresh", lambda: columns(lambda c: double_backward_hvp(pb, c), V), f"k={K}"),
+    ]
+    if cl is not None:
+        rows.append(Row("curvlinops H @ V", lambda: cl[0] @ V, f"k={K}"))
+    if pyh is not None:
+        rows.append(Row(f"pyhessian {K} x H @ v", lambda: columns(pyh, V), f"k={K}"))
+    if pyh is None:
+        notes.append("pyhessian is not importable: its rows are skipped.")
+    if cl is None:
+        notes.append("curvlinops is not importable: its rows are skipped.")
+    return rows, notes
+
+
+# -- correctness -----------------------------------------------------------------------------------------
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max-norm relative difference ``max|a - b| / max|b|``."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def check_products(pb: Problem, rows: list[Row], v: torch.Tensor, V: torch.Tensor) -> float:
+    """Compare every product row with autograd; print each difference and return the largest."""
+    refs = {
+        "H k=1": double_backward_hvp(pb, v),
+        f"H k={K}": columns(lambda c: double_backward_hvp(pb, c), V),
+        "G k=1": double_backward_ggn(pb, v),
+    }
+    worst = 0.0
+    for row in rows:
+        if row.label.startswith("gradient") or "double-backward" in row.label:
+            continue
+        kind = "G" if " G @" in row.label else "H"
+        diff = rel_diff(row.fn(), refs[f"{kind} {row.section}"])
+        worst = max(worst, diff)
+        print(f"  {row.label:<48} vs double-backward {'GGN' if kind == 'G' else 'HVP'}: {diff:.1e}")
+    print(f"  max relative difference: {worst:.1e} ({'OK' if worst < CHECK_TOL else 'FAIL'}, tolerance {CHECK_TOL})")
+    return worst
+
+
+# -- timing ----------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_round_robin(rows: list[Row], reps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for row in rows:
+            row.fn()
+    times: dict[str, list[float]] = {r.label: [] for r in rows}
+    for _ in range(reps):
+        for row in rows:
+            sync(device)
+            start = time.perf_counter()
+            row.fn()
+            sync(device)
+            times[row.label].append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def quartiles(ts: list[float]) -> tuple[float, float, float]:
+    q1, q2, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0],) * 3
+    return q1, statistics.median(ts), q3
+
+
+def print_table(rows: list[Row], times: dict[str, list[float]]) -> dict[str, float]:
+    medians = {label: statistics.median(ts) for label, ts in times.items()}
+    base = medians[rows[0].label]
+    print("| row | k | median ms | IQR ms | min ms | x gradient |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        ts = times[row.label]
+        q1, med, q3 = quartiles(ts)
+        print(f"| {row.label} | {row.section[2:]} | {med:.2f} | {q1:.2f}-{q3:.2f} | {min(ts):.2f} | {med / base:.2f} |")
+    return medians
+
+
+# -- targets ---------------------------------------------------------------------------------------------
+def targets(medians: dict[str, float]) -> list[tuple[str, float, float, bool]]:
+    """The checks as (description, measured, bound, met); rows of missing peers are left out."""
+    grad_ms = medians["gradient (forward + backward)"]
+    out = []
+
+    def add(desc: str, value: float, bound: float) -> None:
+        out.append((desc, value, bound, value <= bound))
+
+    add("curvature H @ v / gradient <= 2.5", medians["curvature H @ v"] / grad_ms, 2.5)
+    add("curvature H @ v fresh / gradient <= 2.5 (informational)",
+        medians["curvature H @ v, fresh (keep_graph=False)"] / grad_ms, 2.5)
+    db16 = medians[f"{K} x double-backward HVP, fresh"]
+    own16 = medians[f"curvature {K} x H @ v"]
+    for label in (f"curvature H @ V (P,{K})", "curvature H @ V, vectorize=True",
+                  "curvature H @ V, fresh (keep_graph=False)"):
+        add(f"{label} / {K} fresh double-backward <= 1/1.3", medians[label] / db16, 1 / 1.3)
+    for label in (f"curvature H @ V (P,{K})", "curvature H @ V, vectorize=True"):
+        add(f"{label} / curvature {K} x H @ v <= 1", medians[label] / own16, 1.0)
+    pairs = [
+        ("curvature H @ v", "pyhessian H @ v"),
+        ("curvature H @ v", "curvlinops H @ v"),
+        ("curvature H @ v, fresh (keep_graph=False)", "curvlinops H @ v"),
+        ("curvature G @ v (GGN)", "curvlinops G @ v"),
+        ("curvature G @ v, fresh (keep_graph=False)", "curvlinops G @ v"),
+        (f"curvature H @ V (P,{K})", "curvlinops H @ V"),
+        ("curvature H @ V, fresh (keep_graph=False)", "curvlinops H @ V"),
+        (f"curvature H @ V (P,{K})", f"pyhessian {K} x H @ v"),
+    ]
+    for ours, peer in pairs:
+        if peer in medians:
+            add(f"{ours} / {peer} <= 1", medians[ours] / medians[peer], 1.0)
+    return out
+
+
+def print_targets(checks: list[tuple[str, float, float, bool]]) -> None:
+    for desc, value, _bound, met in checks:
+        print(f"  [{'met ' if met else 'MISS'}] {desc}: {value:.2f}")
+
+
+# -- main ------------------------------------------------------------------------------------------------
+def run_problem(pb: Problem, reps: int, warmup: int, device: torch.device) -> list:
+    print(f"\n## {pb.name}: P = {pb.num_params}, N = {NUM_SAMPLES}\n")
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(pb.num_params, generator=gen).to(device)
+    V = torch.randn(pb.num_params, K, generator=gen).to(device)
+    rows, notes = build_rows(pb, v, V)
+    for note in notes:
+        print(f"note: {note}")
+    print("correctness (max|a - b| / max|b|):")
+    check_products(pb, rows, v, V)
+    print()
+    medians = print_table(rows, time_round_robin(rows, reps, warmup, device))
+    print("\ntargets:")
+    checks = targets(medians)
+    print_targets(checks)
+    return checks
+
+
+def print_machine(device: torch.device, reps: int) -> None:
+    peers = [f"{m.__name__} {getattr(m, '__version__', '?')}" for m in (pyhessian, curvlinops) if m is not None]
+    print(f"# curvature operator benchmark, {datetime.date.today().isoformat()}")
+    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+          f"cpu_count={os.cpu_count()}, torch threads={torch.get_num_threads()}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, curvature {curvature.__version__}, "
+          f"peers: {', '.join(peers) or 'none'}")
+    print(f"device={device}, float32, {reps} round-robin repetitions, median reported; "
+          f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}")
+    print_load()
+
+
+def print_load() -> None:
+    """Other processes on a 2-core machine distort timings: show the load next to the numbers."""
+    if hasattr(os, "getloadavg"):
+        print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--problems", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_default_dtype(torch.float32)
+    device = torch.device(args.device)
+    print_machine(device, args.reps)
+    summary = []
+    for name in args.problems:
+        torch.manual_seed(0)
+        pb = {"mlp": mlp_problem, "cnn": cnn_problem}[name](device)
+        summary += [(pb.name.split()[0], *c) for c in run_problem(pb, args.reps, args.warmup, device)]
+    print()
+    print_load()
+    missed = [s for s in summary if not s[4]]
+    print(f"\n# summary: {len(summary) - len(missed)} of {len(summary)} targets met")
+    for problem, desc, value, _bound, _met in missed:
+        print(f"  MISS [{problem}] {desc}: {value:.2f}")
+
+
+if __name__ == "__main__":
+    main()

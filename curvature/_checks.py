@@ -1,0 +1,137 @@
+"""Argument validation shared by every entry point.
+
+Each check raises a ``ValueError`` or ``TypeError`` whose message names the argument and says how to
+fix it. Checks run before any expensive work starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = [
+    "check_finite",
+    "check_generator",
+    "check_operand",
+    "check_scalar",
+    "common_dtype_device",
+]
+
+
+def common_dtype_device(tensors: list[torch.Tensor], what: str) -> tuple[torch.dtype, torch.device]:
+    """Return the one floating dtype and device shared by ``tensors``.
+
+    Args:
+        tensors: Non-empty list of tensors (typically parameters).
+        what: How to name the tensors in an error message.
+
+    Returns:
+        The common ``(dtype, device)``.
+
+    Raises:
+        TypeError: If the tensors are not floating point or their dtypes differ.
+        ValueError: If they live on different devices.
+    """
+    dtypes = {t.dtype for t in tensors}
+    devices = {t.device for t in tensors}
+    if len(dtypes) != 1:
+        raise TypeError(
+            f"{what} have mixed dtypes {sorted(str(d) for d in dtypes)}; convert the model to one dtype "
+            "first, e.g. model.double() or model.float()."
+        )
+    if len(devices) != 1:
+        raise ValueError(
+            f"{what} live on several devices {sorted(str(d) for d in devices)}; move the model to one "
+            "device first, e.g. model.to('cuda')."
+        )
+    dtype = dtypes.pop()
+    if not dtype.is_floating_point:
+        raise TypeError(f"{what} must be floating point, got {dtype}.")
+    return dtype, devices.pop()
+
+
+def check_operand(v: Any, size: int, dtype: torch.dtype, device: torch.device, name: str = "v") -> None:
+    """Check that ``v`` can be multiplied by a ``(size, size)`` operator.
+
+    Args:
+        v: The candidate vector ``(size,)`` or matrix ``(size, k)``.
+        size: The operator's number of columns.
+        dtype: The operator's dtype.
+        device: The operator's device.
+        name: The argument's name for error messages.
+
+    Raises:
+        TypeError: If ``v`` is not a tensor or has the wrong dtype.
+        ValueError: If ``v`` has the wrong shape or lives on another device.
+    """
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape ({size},) or ({size}, k), got {type(v).__name__}; "
+            "convert numpy arrays with torch.as_tensor, or use op.to_scipy() for a scipy operator."
+        )
+    if v.ndim not in (1, 2) or v.shape[0] != size:
+        raise ValueError(
+            f"{name} has shape {tuple(v.shape)}, but the operator needs ({size},) or ({size}, k); "
+            "flatten per-parameter tensors with torch.nn.utils.parameters_to_vector."
+        )
+    if v.dtype != dtype:
+        raise TypeError(f"{name} has dtype {v.dtype} but the operator has dtype {dtype}; use {name}.to({dtype}).")
+    if v.device != device:
+        raise ValueError(
+            f"{name} is on {v.device} but the operator is on {device}; use {name}.to('{device}')."
+        )
+
+
+def check_scalar(value: Any, name: str) -> float:
+    """Return ``value`` as a Python float, refusing tensors with more than one element and non-numbers.
+
+    Args:
+        value: A Python number or a one-element tensor.
+        name: The argument's name for error messages.
+
+    Returns:
+        The value as a float.
+
+    Raises:
+        TypeError: If ``value`` is not a real number.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}.")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}.")
+    return float(value)
+
+
+def check_finite(t: torch.Tensor, what: str, hint: str) -> None:
+    """Raise if ``t`` holds NaN or Inf.
+
+    Args:
+        t: The tensor to check.
+        what: What ``t`` is, for the message.
+        hint: What the user can do about it.
+
+    Raises:
+        ValueError: If any entry is not finite.
+    """
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} contains NaN or Inf; {hint}")
+
+
+def check_generator(generator: Any, name: str = "generator") -> None:
+    """Check that ``generator`` is None or a ``torch.Generator``.
+
+    Args:
+        generator: The candidate.
+        name: The argument's name for error messages.
+
+    Raises:
+        TypeError: If it is anything else (an int seed, say).
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{name} must be a torch.Generator or None, got {type(generator).__name__}; "
+            f"for a seed s use torch.Generator().manual_seed(s)."
+        )

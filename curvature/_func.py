@@ -1,0 +1,193 @@
+"""Functional core: curvature products on plain functions, in the spirit of ``torch.func``.
+
+Two families live here:
+
+* :func:`hvp` and :func:`ggn_vp` are pure ``torch.func`` compositions (forward-over-reverse
+  ``jvp(grad(f))`` and ``jvp`` → loss Hessian → ``vjp``). They compose with ``vmap`` and ``grad`` and
+  can be differentiated again (``create_graph=True``), which regularizers need.
+* :func:`vjp_columns` is the engine behind the operators: a reverse pass through an autograd graph that
+  is kept alive, for ``k`` cotangents at once, either vectorized (``is_grads_batched``) or in a loop.
+  Reusing the first-order graph makes one more Hessian product cost a single backward pass.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import torch
+from torch.func import functional_call, grad, jvp, vjp
+
+__all__ = ["ggn_vp", "hvp", "model_outputs", "vjp_columns"]
+
+_vmap_fallback_warned = False
+
+
+def _detach_tree(tree: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def hvp(
+    f: Callable[..., torch.Tensor],
+    primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+    *,
+    create_graph: bool = False,
+) -> tuple[Any, ...]:
+    r"""Hessian-vector product of a scalar function by forward-over-reverse differentiation.
+
+    .. math:: H v = \frac{\partial}{\partial \epsilon} \nabla f(x + \epsilon v) \Big|_{\epsilon = 0}
+
+    computed as ``torch.func.jvp(torch.func.grad(f), primals, tangents)`` (Pearlmutter 1994, "Fast
+    exact multiplication by the Hessian"). Costs about one gradient plus one forward-mode pass.
+
+    Args:
+        f: Function of ``*primals`` returning a scalar tensor.
+        primals: Tuple of arguments of ``f`` (tensors or pytrees of tensors, e.g. a parameter dict).
+        tangents: Tuple with the structure of ``primals``: the vector ``v``.
+        create_graph: Keep the result differentiable (with respect to primals and tangents that require
+            grad) so that the product can be differentiated again. Otherwise the result is detached.
+
+    Returns:
+        ``H v`` with the structure of ``primals``.
+
+    Raises:
+        TypeError: If ``primals`` or ``tangents`` is not a tuple.
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0])
+        >>> hvp(lambda x: (x**3).sum(), (x,), (torch.ones(2),))[0]
+        tensor([ 6., 12.])
+    """
+    if not isinstance(primals, tuple) or not isinstance(tangents, tuple):
+        raise TypeError("primals and tangents must be tuples, like torch.func.jvp's; wrap one tensor as (x,).")
+    argnums = tuple(range(len(primals)))
+    out = jvp(grad(f, argnums=argnums), primals, tangents)[1]
+    return out if create_graph else _detach_tree(out)
+
+
+def ggn_vp(
+    model_fn: Callable[..., torch.Tensor],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+    *,
+    create_graph: bool = False,
+) -> tuple[Any, ...]:
+    r"""Generalized Gauss-Newton-vector product of ``loss_fn(model_fn(*primals))``.
+
+    .. math:: G v = J^\top \, \nabla^2_{z} \ell(z) \, J v, \qquad z = m(\theta),\; J = \partial z / \partial\theta
+
+    computed as ``jvp`` of the model, a Hessian-vector product of the loss in output space and a ``vjp``
+    (Schraudolph 2002, "Fast curvature matrix-vector products for second-order gradient descent").
+    Costs about one forward, one forward-mode and one backward pass of the model.
+
+    Args:
+        model_fn: Function of ``*primals`` returning the outputs ``z``.
+        loss_fn: Function of the outputs returning a scalar (targets closed over).
+        primals: Tuple of arguments of ``model_fn`` (tensors or pytrees).
+        tangents: Tuple with the structure of ``primals``.
+        create_graph: Keep the result differentiable; otherwise it is detached.
+
+    Returns:
+        ``G v`` with the structure of ``primals``.
+
+    Raises:
+        TypeError: If ``primals`` or ``tangents`` is not a tuple.
+
+    Example:
+        >>> w = torch.tensor([2.0])
+        >>> ggn_vp(lambda w: w * 3.0, lambda z: (z**2).sum(), (w,), (torch.ones(1),))[0]
+        tensor([18.])
+    """
+    if not isinstance(primals, tuple) or not isinstance(tangents, tuple):
+        raise TypeError("primals and tangents must be tuples, like torch.func.jvp's; wrap one tensor as (x,).")
+    outputs, jv = jvp(model_fn, primals, tangents)
+    hjv = jvp(grad(loss_fn), (outputs,), (jv,))[1]
+    _, pullback = vjp(model_fn, *primals)
+    out = pullback(hjv)
+    return out if create_graph else _detach_tree(out)
+
+
+def model_outputs(
+    model: torch.nn.Module, params_and_buffers: dict[str, torch.Tensor], inputs: Any
+) -> torch.Tensor:
+    """Call ``model`` functionally on ``inputs`` with the given parameters and buffers.
+
+    ``inputs`` is passed as ``model(x)`` for a tensor, ``model(*x)`` for a tuple or list and
+    ``model(**x)`` for a dict. Buffers are passed explicitly (see DESIGN.md: a buffer captured from the
+    module breaks ``torch.func`` transforms).
+
+    Args:
+        model: The module.
+        params_and_buffers: Mapping of every parameter and buffer name to the tensor to use.
+        inputs: The batch's inputs.
+
+    Returns:
+        The model's outputs.
+    """
+    if isinstance(inputs, dict):
+        return functional_call(model, params_and_buffers, (), inputs)
+    if isinstance(inputs, (tuple, list)):
+        return functional_call(model, params_and_buffers, tuple(inputs))
+    return functional_call(model, params_and_buffers, (inputs,))
+
+
+def vjp_columns(
+    outputs: Sequence[torch.Tensor | None],
+    inputs: Sequence[torch.Tensor],
+    cotangents: Sequence[torch.Tensor],
+    *,
+    vectorize: bool,
+) -> list[torch.Tensor]:
+    r"""Reverse-mode products :math:`J^\top c_j` for ``k`` cotangents through a kept autograd graph.
+
+    The graph is retained, so the call can be repeated with new cotangents at the cost of one backward
+    pass each. Inputs that the outputs do not depend on get zeros.
+
+    Args:
+        outputs: Tensors of the graph (entries that are None or do not require grad are skipped).
+        inputs: Leaves to differentiate with respect to.
+        cotangents: One tensor of shape ``(k, *output.shape)`` per output.
+        vectorize: Push all ``k`` cotangents through the graph at once with ``is_grads_batched`` (vmap);
+            if the graph cannot be vmapped, a one-time warning is emitted and a loop is used.
+
+    Returns:
+        One tensor of shape ``(k, *input.shape)`` per input.
+    """
+    global _vmap_fallback_warned
+    k = cotangents[0].shape[0]
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None and o.requires_grad]
+    if not pairs:
+        return [torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device) for x in inputs]
+    outs, cots = [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def fill(grads: Sequence[torch.Tensor | None], batched: bool) -> list[torch.Tensor]:
+        return [
+            g if g is not None else torch.zeros((k, *x.shape) if batched else x.shape, dtype=x.dtype,
+                                                device=x.device)
+            for g, x in zip(grads, inputs)
+        ]
+
+    if vectorize and k > 1:
+        try:
+            grads = torch.autograd.grad(
+                outs, inputs, cots, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+            return fill(grads, batched=True)
+        except RuntimeError as err:  # an op without a batching rule
+            if not _vmap_fallback_warned:
+                warnings.warn(
+                    f"vectorized products are not supported by this model ({str(err).splitlines()[0]}); "
+                    "falling back to one backward pass per column. Pass vectorize=False to silence this.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                _vmap_fallback_warned = True
+    columns = [
+        fill(torch.autograd.grad(outs, inputs, [c[j] for c in cots], retain_graph=True, allow_unused=True),
+             batched=False)
+        for j in range(k)
+    ]
+    return [torch.stack(col) for col in zip(*columns)]

@@ -1,0 +1,214 @@
+r"""Gauss-Newton-type operators: GGN, Fisher (exact and Monte-Carlo) and empirical Fisher.
+
+All three have the form :math:`\sum_b J_b^\top \Lambda_b J_b`, where :math:`J_b` is the Jacobian of some
+per-batch output :math:`z_b(\theta)` and :math:`\Lambda_b` a small PSD matrix in output space:
+
+==========================  ===========================  ==================================================
+operator                    :math:`z`                    :math:`\Lambda`
+==========================  ===========================  ==================================================
+:class:`GGNOperator`        model outputs                :math:`\nabla^2_z L` (closed form for MSE / CE)
+:class:`FisherOperator`     model outputs                :math:`\mathbb E_{\hat y \sim p(\cdot|z)}[g g^\top]`
+                                                         (exact, or a Monte-Carlo average)
+:class:`EmpiricalFisherOp.` per-sample losses            :math:`c\, I` (1/N for a mean loss)
+==========================  ===========================  ==================================================
+
+Products use two kept graphs per batch: the forward graph of :math:`z` (for :math:`J^\top u`, one backward)
+and the graph of :math:`J^\top u` as a linear function of a dummy :math:`u` (for :math:`J v`, the
+"double-backward trick", one more backward). No forward pass is repeated while the graph is kept.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, Callable
+
+import torch
+
+from .._checks import check_generator
+from .._func import vjp_columns
+from .curvature import CurvatureOperator
+from .data import batch_size
+from .losses import output_hessian, per_sample_losses, sampled_output_gradients
+
+__all__ = ["EmpiricalFisherOperator", "FisherOperator", "GGNOperator"]
+
+OutputMap = tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+class _JacobianSandwich(CurvatureOperator):
+    """Shared product ``J^T Lambda J v`` for operators defined by an output map and an output matrix."""
+
+    def _known_psd(self) -> bool:
+        return True
+
+    @abstractmethod
+    def _output_map(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMap:
+        """Return ``z`` (with graph) and the map ``U -> Lambda U`` for ``U`` of shape ``(k, *z.shape)``."""
+
+    def _prepare(self, leaves: list[torch.Tensor], outputs: torch.Tensor, targets: Any, index: int) -> Any:
+        z, lam = self._output_map(outputs, targets, index)
+        dummy = torch.zeros_like(z, requires_grad=True)
+        jt = torch.autograd.grad(z, leaves, dummy, create_graph=True, allow_unused=True)
+        return leaves, z, dummy, jt, lam
+
+    def _apply(self, ctx: Any, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        leaves, z, dummy, jt, lam = ctx
+        (jv,) = vjp_columns(jt, [dummy], vs, vectorize=self.vectorize)
+        return vjp_columns([z], leaves, [lam(jv)], vectorize=self.vectorize)
+
+
+class GGNOperator(_JacobianSandwich):
+    r"""The generalized Gauss-Newton matrix :math:`G = \sum_n J_n^\top \nabla^2_{z} \ell\, J_n`.
+
+    .. math:: G v = J^\top \big( \nabla^2_z L \big) J v, \qquad J = \partial z / \partial \theta
+
+    (Schraudolph 2002, "Fast curvature matrix-vector products for second-order gradient descent";
+    Martens 2020, arXiv:1412.1193). The loss Hessian in output space is in closed form for
+    ``torch.nn.MSELoss`` and ``torch.nn.CrossEntropyLoss`` (mean or sum; 2-D or N-D logits; class-index
+    or probability targets; ``ignore_index``, ``weight`` and ``label_smoothing``), and computed by autodiff
+    for any other scalar ``loss_fn``. For MSE and CE the GGN equals the Fisher and is PSD; for other
+    losses it is PSD only where the loss is convex in the outputs, so ``is_psd`` is then False.
+
+    A product costs two backward passes through kept graphs. Arguments as in
+    :class:`~curvature.operators.curvature.CurvatureOperator`.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> G = GGNOperator(model, torch.nn.CrossEntropyLoss(), (torch.randn(8, 3), torch.randint(0, 2, (8,))))
+        >>> bool(G.is_psd), G.shape
+        (True, (8, 8))
+    """
+
+    def _known_psd(self) -> bool:
+        return self._kind != "other"
+
+    def _check_loss_supported(self) -> None:
+        if self._kind == "ce" and self.loss_fn.weight is not None and self.loss_fn.label_smoothing > 0:
+            raise ValueError(
+                "CrossEntropyLoss with both weight= and label_smoothing= has no closed-form Gauss-Newton "
+                "here; use curvature.HessianOperator, or drop one of the two."
+            )
+
+    def _output_map(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMap:
+        return outputs, output_hessian(self._kind, self.loss_fn, outputs, targets, self.reduction)
+
+
+class FisherOperator(GGNOperator):
+    r"""The Fisher information of the model's likelihood, exact or by Monte-Carlo sampling.
+
+    .. math:: F = c \sum_n J_n^\top\, \mathbb E_{\hat y \sim p(\cdot \mid z_n)}
+              \big[\nabla_z \ell(z_n, \hat y)\, \nabla_z \ell(z_n, \hat y)^\top\big] J_n
+
+    with the likelihood that the loss is the negative log of: a Gaussian :math:`\mathcal N(z, \frac12 I)`
+    for ``MSELoss`` and a categorical (at every position) for ``CrossEntropyLoss``; :math:`c` is the
+    loss's mean normalizer (or 1 for a sum). For these exponential families the exact Fisher equals the
+    GGN (Martens 2020, arXiv:1412.1193, Sec. 9). With ``mc_samples=M`` the expectation is replaced by an
+    average over ``M`` targets drawn per data point (Kunstner, Balles, Hennig 2019, arXiv:1905.12558),
+    an unbiased, PSD, rank-limited estimate. The draws are fixed when the operator is built (one seed per
+    batch taken from ``generator``), so the operator is one linear map: repeated products agree. Keep the
+    batch order fixed (no shuffling loader) for that to hold across passes over the data.
+
+    Args:
+        model: The model.
+        loss_fn: ``torch.nn.MSELoss`` or ``torch.nn.CrossEntropyLoss`` (without ``weight=``).
+        data: One batch or an iterable of batches.
+        params: None or an iterable of parameters or names.
+        mc_samples: None for the exact Fisher, else the number of sampled targets per data point.
+        generator: The ``torch.Generator`` that seeds the samples (a fresh random seed if None; the
+            global RNG is never touched).
+        **kwargs: ``reduction``, ``keep_graph``, ``vectorize`` as in
+            :class:`~curvature.operators.curvature.CurvatureOperator`.
+
+    Raises:
+        TypeError: For a loss that is not the negative log-likelihood of a known distribution.
+        ValueError: For ``mc_samples`` that is not a positive integer.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> data = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> F = FisherOperator(model, torch.nn.CrossEntropyLoss(), data, mc_samples=4, generator=g)
+        >>> F.shape
+        (8, 8)
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[..., torch.Tensor],
+        data: Any,
+        params: Any = None,
+        mc_samples: int | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if mc_samples is not None and (isinstance(mc_samples, bool) or not isinstance(mc_samples, int)
+                                       or mc_samples < 1):
+            raise ValueError(f"mc_samples must be None (exact Fisher) or a positive integer, got {mc_samples!r}.")
+        check_generator(generator)
+        self.mc_samples = mc_samples
+        if generator is None:
+            self._seed = torch.Generator().seed() % (2**62)
+        else:
+            self._seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        super().__init__(model, loss_fn, data, params, **kwargs)
+
+    def _check_loss_supported(self) -> None:
+        if self._kind == "other":
+            raise TypeError(
+                f"FisherOperator needs a loss that is a negative log-likelihood it knows (torch.nn.MSELoss or "
+                f"torch.nn.CrossEntropyLoss), got {type(self.loss_fn).__name__}; use GGNOperator or "
+                "EmpiricalFisherOperator for other losses."
+            )
+        if self._kind == "ce" and self.loss_fn.weight is not None:
+            raise ValueError(
+                "CrossEntropyLoss with class weight= is not a likelihood, so it has no Fisher; use GGNOperator."
+            )
+
+    def _output_map(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMap:
+        if self.mc_samples is None:
+            return super()._output_map(outputs, targets, index)
+        generator = torch.Generator(device=self.device).manual_seed(self._seed + index)
+        g = sampled_output_gradients(self._kind, self.loss_fn, outputs, targets, self.mc_samples, generator)
+        if self.reduction == "mean":
+            scale = 1.0 / (self.mc_samples * self._batch_weight(outputs, targets, None))
+        else:
+            scale = 1.0 / self.mc_samples
+        n = outputs.shape[0]
+        gf = g.reshape(self.mc_samples, n, -1)
+
+        def sampled(U: torch.Tensor) -> torch.Tensor:
+            coeff = torch.einsum("knd,mnd->kmn", U.reshape(U.shape[0], n, -1), gf)
+            return (scale * torch.einsum("kmn,mnd->knd", coeff, gf)).reshape(U.shape)
+
+        return outputs, sampled
+
+
+class EmpiricalFisherOperator(_JacobianSandwich):
+    r"""The empirical Fisher: the (uncentered) second moment of per-sample gradients.
+
+    .. math:: E = c \sum_{n=1}^{N} \nabla_\theta \ell_n \, \nabla_\theta \ell_n^\top, \qquad
+              c = 1/N \text{ (mean loss) or } 1 \text{ (sum)}
+
+    where :math:`\ell_n` is ``loss_fn`` applied to sample :math:`n` alone, so that
+    :math:`\nabla L = c \sum_n \nabla \ell_n`. It is not the Fisher and can misrepresent curvature
+    (Kunstner, Balles, Hennig 2019, arXiv:1905.12558), but it is cheap and popular (Adam, K-FAC variants).
+    The product is :math:`J_\ell^\top (c\, J_\ell v)` with :math:`J_\ell` the Jacobian of the vector of
+    per-sample losses: two backward passes, no per-sample gradients are materialized. Works for any
+    ``loss_fn``; other callables are split per sample with ``torch.func.vmap`` (falling back to a loop).
+    Arguments as in :class:`~curvature.operators.curvature.CurvatureOperator`.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> E = EmpiricalFisherOperator(model, torch.nn.MSELoss(), (torch.randn(8, 3), torch.randn(8, 1)))
+        >>> E.shape
+        (4, 4)
+    """
+
+    def _output_map(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMap:
+        losses = per_sample_losses(self._kind, self.loss_fn, outputs, targets, self.reduction)
+        scale = 1.0 / losses.shape[0] if self.reduction == "mean" else 1.0
+        return losses, lambda U: scale * U
+
+    def _batch_weight(self, outputs: torch.Tensor, targets: Any, inputs: Any) -> float:
+        return float(batch_size(inputs))

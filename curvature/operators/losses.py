@@ -1,0 +1,334 @@
+r"""What the operators need to know about a loss function, in closed form where it exists.
+
+For ``torch.nn.MSELoss`` and ``torch.nn.CrossEntropyLoss`` a batch loss is
+:math:`L = c \sum_u \ell_u(z_u)` over *units* ``u`` (output entries for MSE, positions for CE), with
+:math:`c = 1` for ``reduction="sum"`` and :math:`c = 1/\text{count}` for ``"mean"``. This module gives:
+
+* :func:`mean_count`: the ``count`` that ``"mean"`` divides by (used to weight uneven batches);
+* :func:`output_hessian`: :math:`U \mapsto \nabla^2_z L\, U` in closed form (MSE: :math:`2cI`; CE:
+  :math:`c\,w_u(\operatorname{diag} p_u - p_u p_u^\top)` per position), or by autodiff for any other loss;
+* :func:`sampled_output_gradients`: gradients of the negative log-likelihood at targets drawn from the
+  model's predictive distribution (Monte-Carlo Fisher);
+* :func:`per_sample_losses`: the loss of each sample alone (empirical Fisher).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_map
+
+__all__ = [
+    "loss_kind",
+    "mean_count",
+    "output_hessian",
+    "per_sample_losses",
+    "resolve_reduction",
+    "sampled_output_gradients",
+]
+
+Reduction = Literal["mean", "sum"]
+Kind = Literal["mse", "ce", "other"]
+
+
+def loss_kind(loss_fn: Callable[..., torch.Tensor]) -> Kind:
+    """Classify ``loss_fn`` as MSE, cross-entropy, or any other callable.
+
+    Args:
+        loss_fn: The loss.
+
+    Returns:
+        ``"mse"``, ``"ce"`` or ``"other"``.
+    """
+    if isinstance(loss_fn, nn.MSELoss):
+        return "mse"
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return "ce"
+    return "other"
+
+
+def resolve_reduction(loss_fn: Callable[..., torch.Tensor], reduction: str | None) -> Reduction | None:
+    """Return the loss's batch reduction: the explicit argument, else ``loss_fn.reduction``, else None.
+
+    Args:
+        loss_fn: The loss.
+        reduction: What the user passed (None to infer).
+
+    Returns:
+        ``"mean"``, ``"sum"``, or None when it has to be inferred from data.
+
+    Raises:
+        ValueError: If the reduction is not ``"mean"`` or ``"sum"``, or contradicts ``loss_fn.reduction``.
+    """
+    attribute = getattr(loss_fn, "reduction", None)
+    if reduction is None:
+        reduction = attribute
+    elif attribute is not None and attribute != reduction:
+        raise ValueError(f"reduction={reduction!r} contradicts loss_fn.reduction={attribute!r}; drop the argument.")
+    if reduction is None:
+        return None
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"the loss must reduce the batch to a scalar with reduction 'mean' or 'sum', got {reduction!r}; "
+            "e.g. use torch.nn.CrossEntropyLoss(reduction='mean')."
+        )
+    return reduction  # type: ignore[return-value]
+
+
+def check_targets(kind: Kind, loss_fn: Any, outputs: torch.Tensor, targets: Any) -> None:
+    """Refuse targets that do not match the outputs (where the loss would broadcast or fail cryptically).
+
+    Args:
+        kind: The loss kind.
+        loss_fn: The loss.
+        outputs: The model's outputs for the batch.
+        targets: The batch's targets.
+
+    Raises:
+        ValueError: On a shape mismatch or class index out of range.
+        TypeError: On a target dtype that the loss cannot use.
+    """
+    if kind == "other":
+        return
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a tensor for {type(loss_fn).__name__}, got {type(targets).__name__}.")
+    if kind == "mse":
+        if targets.shape != outputs.shape:
+            raise ValueError(
+                f"targets of shape {tuple(targets.shape)} do not match outputs of shape {tuple(outputs.shape)}; "
+                "MSELoss would broadcast them silently. Reshape the targets (e.g. y.view_as(outputs))."
+            )
+        if targets.dtype != outputs.dtype:
+            raise TypeError(f"targets have dtype {targets.dtype} but outputs {outputs.dtype}; convert them.")
+        return
+    if outputs.ndim < 2:
+        raise ValueError(
+            f"CrossEntropyLoss outputs must be batched logits (N, C) or (N, C, d1, ...), got shape "
+            f"{tuple(outputs.shape)}; add a batch dimension with unsqueeze(0)."
+        )
+    if targets.is_floating_point():
+        if targets.shape != outputs.shape:
+            raise ValueError(
+                f"class-probability targets of shape {tuple(targets.shape)} do not match logits of shape "
+                f"{tuple(outputs.shape)}."
+            )
+        return
+    expected = (outputs.shape[0], *outputs.shape[2:])
+    if tuple(targets.shape) != expected:
+        raise ValueError(
+            f"class-index targets of shape {tuple(targets.shape)} do not match logits of shape "
+            f"{tuple(outputs.shape)}; expected targets of shape {expected}."
+        )
+    valid = targets[targets != loss_fn.ignore_index]
+    num_classes = outputs.shape[1]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_classes):
+        raise ValueError(
+            f"class-index targets must lie in [0, {num_classes}), got values in "
+            f"[{int(valid.min())}, {int(valid.max())}]."
+        )
+
+
+def _ce_position_weights(loss_fn: nn.CrossEntropyLoss, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position factor ``w_u`` of the cross-entropy Hessian, shape ``(N, d1, ...)``."""
+    if targets.is_floating_point():
+        if loss_fn.weight is None:
+            return torch.ones(targets.shape[:1] + targets.shape[2:], dtype=outputs.dtype, device=outputs.device)
+        shape = [1, -1] + [1] * (targets.ndim - 2)
+        return (targets * loss_fn.weight.view(shape)).sum(1).to(outputs.dtype)
+    mask = targets != loss_fn.ignore_index
+    if loss_fn.weight is None:
+        return mask.to(outputs.dtype)
+    return loss_fn.weight.to(outputs.dtype)[targets.clamp(min=0)] * mask
+
+
+def mean_count(kind: Kind, loss_fn: Any, outputs: torch.Tensor, targets: Any, inputs: Any) -> float:
+    """Return what ``reduction="mean"`` divides the batch's summed loss by.
+
+    MSE: the number of output entries. CE: the number of non-ignored positions, or the sum of their
+    class weights when ``weight=`` is set (as PyTorch defines it); ``N * d1 * ...`` for probability
+    targets. Any other loss: the batch size.
+
+    Args:
+        kind: The loss kind.
+        loss_fn: The loss.
+        outputs: The batch's outputs.
+        targets: The batch's targets.
+        inputs: The batch's inputs.
+
+    Returns:
+        The count, as a float.
+    """
+    from .data import batch_size
+
+    if kind == "mse":
+        return float(outputs.numel())
+    if kind == "ce":
+        if targets.is_floating_point():
+            return float(outputs.numel() // outputs.shape[1])
+        return float(_ce_position_weights(loss_fn, outputs, targets).sum())
+    return float(batch_size(inputs))
+
+
+def output_hessian(
+    kind: Kind, loss_fn: Any, outputs: torch.Tensor, targets: Any, reduction: Reduction
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    r"""Return :math:`U \mapsto \nabla^2_z L(z)\, U` for the batch loss, for ``U`` of shape ``(k, *z.shape)``.
+
+    Closed form for MSE (:math:`2c\,U`) and CE (per position :math:`c\,w_u (p_u \odot U_u - p_u\,
+    p_u^\top U_u)`, with :math:`p_u` the softmax over the class dimension); any other loss by a
+    Hessian-vector product of ``loss_fn`` in output space.
+
+    Args:
+        kind: The loss kind.
+        loss_fn: The loss.
+        outputs: The batch's outputs ``z``.
+        targets: The batch's targets.
+        reduction: The loss's batch reduction.
+
+    Returns:
+        The map ``U -> H U``.
+    """
+    z = outputs.detach()
+    if kind == "mse":
+        scale = 2.0 / (z.numel() if reduction == "mean" else 1.0)
+        return lambda U: scale * U
+    if kind == "ce":
+        weights = _ce_position_weights(loss_fn, z, targets)
+        count = mean_count(kind, loss_fn, z, targets, z)
+        if reduction == "mean" and count > 0:  # a batch with every target ignored has zero curvature
+            weights = weights / count
+        p = torch.softmax(z, dim=1).unsqueeze(0)
+        w = weights.unsqueeze(1).unsqueeze(0)
+
+        def ce_hessian(U: torch.Tensor) -> torch.Tensor:
+            pU = p * U
+            return w * (pU - p * pU.sum(dim=2, keepdim=True))
+
+        return ce_hessian
+
+    def autodiff_hessian(U: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = z.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, create_graph=True)
+            if not g.requires_grad:  # the loss is linear in the outputs
+                return torch.zeros_like(U)
+            return torch.stack([torch.autograd.grad(g, leaf, u, retain_graph=True)[0] for u in U])
+
+    return autodiff_hessian
+
+
+def sampled_output_gradients(
+    kind: Kind, loss_fn: Any, outputs: torch.Tensor, targets: Any, num_samples: int, generator: torch.Generator
+) -> torch.Tensor:
+    r"""Gradients in output space of the summed negative log-likelihood at sampled targets.
+
+    MSE is the Gaussian likelihood :math:`\mathcal N(z, \tfrac12 I)` of :math:`\ell = \|z - y\|^2`, so
+    :math:`g = 2(z - \hat y) = \sqrt 2\,\xi`, :math:`\xi \sim \mathcal N(0, I)`. CE is the categorical
+    likelihood at every position, :math:`g_u = p_u - e_{\hat y_u}`, :math:`\hat y_u \sim p_u`, zero at
+    ignored positions. Either way :math:`\mathbb E[g g^\top]` equals the summed loss's Hessian in output
+    space, which makes the Monte-Carlo Fisher an unbiased estimate of the GGN.
+
+    Args:
+        kind: ``"mse"`` or ``"ce"``.
+        loss_fn: The loss.
+        outputs: The batch's outputs ``z``.
+        targets: The batch's targets (CE: only for the ignore mask).
+        num_samples: Samples per data point.
+        generator: Source of randomness.
+
+    Returns:
+        Tensor of shape ``(num_samples, *z.shape)``.
+    """
+    z = outputs.detach()
+    gen_device = generator.device
+    if kind == "mse":
+        noise = torch.randn((num_samples, *z.shape), generator=generator, dtype=z.dtype, device=gen_device)
+        return (2.0**0.5) * noise.to(z.device)
+    probs = torch.softmax(z, dim=1).movedim(1, -1)  # (N, d1, ..., C)
+    flat = probs.reshape(-1, probs.shape[-1])
+    draws = torch.multinomial(flat.to(gen_device), num_samples, replacement=True, generator=generator)
+    onehot = F.one_hot(draws.to(z.device).T, flat.shape[-1]).to(z.dtype)  # (M, N*d, C)
+    grads = (flat.unsqueeze(0) - onehot).reshape(num_samples, *probs.shape).movedim(-1, 2)
+    if not targets.is_floating_point():
+        grads = grads * (targets != loss_fn.ignore_index).unsqueeze(1).unsqueeze(0).to(z.dtype)
+    return grads
+
+
+def per_sample_losses(
+    kind: Kind, loss_fn: Any, outputs: torch.Tensor, targets: Any, reduction: Reduction
+) -> torch.Tensor:
+    """Return each sample's loss, as ``loss_fn`` would give it for a batch holding only that sample.
+
+    Args:
+        kind: The loss kind.
+        loss_fn: The loss.
+        outputs: The batch's outputs (with graph).
+        targets: The batch's targets.
+        reduction: The loss's batch reduction.
+
+    Returns:
+        Tensor of shape ``(N,)``.
+    """
+    if kind == "mse":
+        entries = F.mse_loss(outputs, targets, reduction="none").flatten(1)
+        return entries.mean(1) if reduction == "mean" else entries.sum(1)
+    if kind == "ce":
+        entries = F.cross_entropy(
+            outputs, targets, weight=loss_fn.weight, ignore_index=loss_fn.ignore_index, reduction="none",
+            label_smoothing=loss_fn.label_smoothing,
+        ).reshape(outputs.shape[0], -1)
+        if reduction == "sum":
+            return entries.sum(1)
+        if targets.is_floating_point():
+            return entries.mean(1)
+        counts = _ce_position_weights(loss_fn, outputs, targets).reshape(outputs.shape[0], -1).sum(1)
+        return entries.sum(1) / counts.masked_fill(counts == 0, 1)  # a sample with every target ignored: 0
+    return _generic_per_sample_losses(loss_fn, outputs, targets)
+
+
+def _generic_per_sample_losses(
+    loss_fn: Callable[..., torch.Tensor], outputs: torch.Tensor, targets: Any
+) -> torch.Tensor:
+    def one(z: torch.Tensor, y: Any) -> torch.Tensor:
+        return loss_fn(z.unsqueeze(0), tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, y))
+
+    def sample(y: Any, i: int) -> Any:
+        return tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, y)
+
+    try:
+        return torch.func.vmap(one)(outputs, targets)
+    except (RuntimeError, ValueError):  # a loss that vmap cannot batch: one call per sample
+        return torch.stack([one(outputs[i], sample(targets, i)) for i in range(outputs.shape[0])])
+
+
+def infer_reduction(loss_fn: Callable[..., torch.Tensor], outputs: torch.Tensor, targets: Any) -> Reduction | None:
+    """Tell whether a generic ``loss_fn`` averages or sums over the batch, by comparing per-sample losses.
+
+    Args:
+        loss_fn: The loss.
+        outputs: A batch's outputs.
+        targets: Its targets.
+
+    Returns:
+        ``"mean"`` or ``"sum"``, or None when the batch has one sample (both agree).
+
+    Raises:
+        ValueError: If the batch loss is neither the mean nor the sum of the per-sample losses.
+    """
+    if outputs.shape[0] < 2:
+        return None
+    with torch.no_grad():
+        total = loss_fn(outputs, targets)
+        each = _generic_per_sample_losses(loss_fn, outputs, targets)
+    tol = dict(rtol=1e-4, atol=1e-6)
+    if torch.allclose(total, each.mean(), **tol):
+        return "mean"
+    if torch.allclose(total, each.sum(), **tol):
+        return "sum"
+    raise ValueError(
+        "cannot tell how loss_fn reduces over the batch (its value is neither the mean nor the sum of the "
+        "per-sample losses); pass reduction='mean' or reduction='sum' to the operator."
+    )

@@ -1,0 +1,182 @@
+"""The registry of model cases every operator and estimator is checked on.
+
+Each case is a small dict made by a factory from a dtype: ``model``, ``loss_fn``, ``data`` (one batch,
+a list of uneven batches, or a DataLoader with an uneven last batch), and ``likelihood`` (whether the
+loss is the negative log-likelihood that the Fisher needs), and for a plain callable loss its ``reduction``
+(what the dense empirical-Fisher reference cannot read off the loss). Models are small (P < 300) so that the dense
+float64 references stay fast. Seeds are fixed: a case is the same every time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class MeanEmbedding(nn.Module):
+    """Token embedding, mean over the sequence, linear classifier."""
+
+    def __init__(self, vocab: int = 11, dim: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens)).mean(1))
+
+
+def _mlp(sizes: list[int], act: type[nn.Module] = nn.Tanh, bias: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def _split(x: Any, y: torch.Tensor, sizes: list[int]) -> list[tuple[Any, torch.Tensor]]:
+    out, start = [], 0
+    for size in sizes:
+        out.append((x[start:start + size], y[start:start + size]))
+        start += size
+    return out
+
+
+def _classes(n: int, c: int, *shape: int) -> torch.Tensor:
+    return torch.randint(0, c, (n, *shape))
+
+
+def mlp_tanh_ce_mean(dtype: torch.dtype) -> dict[str, Any]:
+    model = _mlp([5, 8, 3])
+    x = torch.randn(24, 5)
+    return dict(model=model, loss_fn=nn.CrossEntropyLoss(), data=(x, _classes(24, 3)))
+
+
+def mlp_relu_mse_sum(dtype: torch.dtype) -> dict[str, Any]:
+    model = _mlp([5, 8, 2], act=nn.ReLU)
+    x = torch.randn(20, 5)
+    return dict(model=model, loss_fn=nn.MSELoss(reduction="sum"), data=(x, torch.randn(20, 2)))
+
+
+def cnn_ce_mean(dtype: torch.dtype) -> dict[str, Any]:
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    x = torch.randn(12, 1, 6, 6)
+    return dict(model=model, loss_fn=nn.CrossEntropyLoss(), data=(x, _classes(12, 3)))
+
+
+def nobias_mse_mean(dtype: torch.dtype) -> dict[str, Any]:
+    model = _mlp([4, 6, 2], bias=False)
+    x = torch.randn(16, 4)
+    return dict(model=model, loss_fn=nn.MSELoss(), data=(x, torch.randn(16, 2)))
+
+
+def frozen_ce_sum(dtype: torch.dtype) -> dict[str, Any]:
+    model = _mlp([4, 6, 3])
+    model[0].weight.requires_grad_(False)
+    x = torch.randn(18, 4)
+    return dict(model=model, loss_fn=nn.CrossEntropyLoss(reduction="sum"), data=(x, _classes(18, 3)))
+
+
+def layernorm_ce_mean(dtype: torch.dtype) -> dict[str, Any]:
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():  # a non-trivial affine part
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    x = torch.randn(16, 4)
+    return dict(model=model, loss_fn=nn.CrossEntropyLoss(), data=(x, _classes(16, 3)))
+
+
+def batchnorm_eval_mse_mean(dtype: torch.dtype) -> dict[str, Any]:
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+    model.eval()
+    x = torch.randn(16, 4)
+    return dict(model=model, loss_fn=nn.MSELoss(), data=(x, torch.randn(16, 2)))
+
+
+def embedding_ce_mean(dtype: torch.dtype) -> dict[str, Any]:
+    model = MeanEmbedding()
+    tokens = torch.randint(0, 11, (20, 5))
+    return dict(model=model, loss_fn=nn.CrossEntropyLoss(), data=(tokens, _classes(20, 3)))
+
+
+def loader_uneven_ce_mean(dtype: torch.dtype) -> dict[str, Any]:
+    model = _mlp([5, 7, 3])
+    x, y = torch.randn(30, 5), _classes(30, 3)
+    return dict(model=model, loss_fn=nn.CrossEntropyLoss(), data=DataLoader(TensorDataset(x, y), batch_size=7))
+
+
+def loader_uneven_mse_mean(dtype: torch.dtype) -> dict[str, Any]:
+    model = _mlp([3, 6, 2])
+    x, y = torch.randn(30, 3), torch.randn(30, 2)
+    return dict(model=model, loss_fn=nn.MSELoss(), data=DataLoader(TensorDataset(x, y), batch_size=7))
+
+
+def ce_nd_logits_sum(dtype: torch.dtype) -> dict[str, Any]:
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv1d(4, 3, 1))
+    x, y = torch.randn(13, 2, 5), _classes(13, 3, 5)
+    return dict(model=model, loss_fn=nn.CrossEntropyLoss(reduction="sum"), data=_split(x, y, [5, 5, 3]))
+
+
+def ce_nd_ignore_index_mean(dtype: torch.dtype) -> dict[str, Any]:
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv1d(4, 3, 1))
+    x, y = torch.randn(13, 2, 5), _classes(13, 3, 5)
+    y[torch.rand(y.shape) < 0.3] = -100  # about a third of the positions ignored, unevenly per batch
+    return dict(model=model, loss_fn=nn.CrossEntropyLoss(), data=_split(x, y, [6, 4, 3]))
+
+
+def ce_weighted_mean(dtype: torch.dtype) -> dict[str, Any]:
+    model = _mlp([4, 6, 3])
+    x, y = torch.randn(21, 4), _classes(21, 3)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0]))
+    return dict(model=model, loss_fn=loss_fn, data=_split(x, y, [8, 8, 5]), likelihood=False)
+
+
+def generic_loss_mean(dtype: torch.dtype) -> dict[str, Any]:
+    model = _mlp([3, 5, 2])
+    x, y = torch.randn(22, 3), torch.randn(22, 2)
+
+    def log_cosh(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.log(torch.cosh(outputs - targets)).sum(1).mean()
+
+    return dict(model=model, loss_fn=log_cosh, data=_split(x, y, [10, 10, 2]), likelihood=False,
+                reduction="mean")
+
+
+FACTORIES: dict[str, Callable[[torch.dtype], dict[str, Any]]] = {
+    f.__name__: f
+    for f in [
+        mlp_tanh_ce_mean, mlp_relu_mse_sum, cnn_ce_mean, nobias_mse_mean, frozen_ce_sum, layernorm_ce_mean,
+        batchnorm_eval_mse_mean, embedding_ce_mean, loader_uneven_ce_mean, loader_uneven_mse_mean,
+        ce_nd_logits_sum, ce_nd_ignore_index_mean, ce_weighted_mean, generic_loss_mean,
+    ]
+}
+
+
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(o, dtype) for o in obj)
+    if isinstance(obj, DataLoader):
+        return DataLoader(TensorDataset(*_cast(list(obj.dataset.tensors), dtype)), batch_size=obj.batch_size)
+    return obj
+
+
+def make_case(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> dict[str, Any]:
+    """Build case ``name`` in ``dtype`` with a fixed seed."""
+    torch.manual_seed(seed)
+    case = FACTORIES[name](dtype)
+    case["model"] = case["model"].to(dtype)
+    if isinstance(case["loss_fn"], nn.Module):
+        case["loss_fn"] = case["loss_fn"].to(dtype)
+    case["data"] = _cast(case["data"], dtype)
+    case.setdefault("likelihood", True)
+    case["name"] = name
+    return case

@@ -1,0 +1,57 @@
+"""Small test utilities shared by the test modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import curvature
+
+OPERATORS = {
+    "hessian": (curvature.HessianOperator, curvature.reference.hessian_matrix),
+    "ggn": (curvature.GGNOperator, curvature.reference.ggn),
+    "fisher": (curvature.FisherOperator, curvature.reference.fisher),
+    "empirical_fisher": (curvature.EmpiricalFisherOperator, curvature.reference.empirical_fisher),
+}
+
+
+def operator_cases() -> list[tuple[str, str]]:
+    """Every (operator kind, case name) pair that is defined: the Fisher only for likelihood losses."""
+    from cases import FACTORIES, make_case
+
+    likelihood = {name: make_case(name)["likelihood"] for name in FACTORIES}
+    return [(k, c) for k in sorted(OPERATORS) for c in sorted(FACTORIES) if k != "fisher" or likelihood[c]]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius error of ``a`` against the reference ``b``."""
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything a curvature computation must leave unchanged."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "modes": {n: m.training for n, m in model.named_modules()},
+        "rng": torch.get_rng_state(),
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
+    """Assert bit-for-bit equality with a :func:`snapshot`."""
+    after = snapshot(model)
+    for key in ("params", "buffers"):
+        assert before[key].keys() == after[key].keys()
+        for name in before[key]:
+            assert torch.equal(before[key][name], after[key][name]), f"{key} {name} changed"
+    assert before["requires_grad"] == after["requires_grad"]
+    for name, grad in before["grads"].items():
+        new = after["grads"][name]
+        assert (grad is None and new is None) or torch.equal(grad, new), f".grad of {name} changed"
+    assert before["modes"] == after["modes"], "train/eval flags changed"
+    assert torch.equal(before["rng"], after["rng"]), "the global RNG state changed"

@@ -1,0 +1,29 @@
+"""The examples run end to end (slow: CI runs them in its second pass) and the docs are current."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_operators_digits_example() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "operators_digits.py"), "--quick"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "model unchanged after all of the above: parameters True, .grad True, train mode True, global RNG True" \
+        in result.stdout
+
+
+def test_api_reference_is_current() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "build_api.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr + "\nrun: python docs/build_api.py"

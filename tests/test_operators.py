@@ -1,0 +1,192 @@
+"""Every operator against its dense float64 reference, over the whole case registry."""
+
+from __future__ import annotations
+
+import pytest
+import scipy.sparse.linalg
+import torch
+from cases import make_case
+from helpers import OPERATORS, assert_unchanged, operator_cases, rel_err, snapshot
+
+
+PAIRS = pytest.mark.parametrize("kind, case_name", operator_cases())  # Fisher: likelihood losses only
+
+
+def _build(kind: str, case: dict, **kwargs):
+    return OPERATORS[kind][0](case["model"], case["loss_fn"], case["data"], **kwargs)
+
+
+def _reference(kind: str, case: dict) -> torch.Tensor:
+    extra = {"reduction": case["reduction"]} if kind == "empirical_fisher" and "reduction" in case else {}
+    return OPERATORS[kind][1](case["model"], case["loss_fn"], case["data"], **extra)
+
+
+@PAIRS
+def test_matches_dense_reference_float64(kind: str, case: dict) -> None:
+    op = _build(kind, case)
+    dense = op.to_dense()
+    ref = _reference(kind, case)
+    assert dense.dtype == torch.float64
+    assert op.shape == ref.shape
+    assert rel_err(dense, ref) <= 1e-10
+    assert rel_err(dense, dense.T) <= 1e-12  # symmetric
+    if op.is_psd:
+        assert torch.linalg.eigvalsh(dense).min() >= -1e-10 * ref.norm()
+    assert op.num_matvecs == op.shape[0]
+
+
+@PAIRS
+def test_matches_dense_reference_float32(kind: str, case_name: str) -> None:
+    case32 = make_case(case_name, torch.float32)
+    op = _build(kind, case32)
+    assert op.dtype == torch.float32
+    ref = _reference(kind, make_case(case_name, torch.float64))
+    assert rel_err(op.to_dense(), ref) <= 1e-5
+
+
+@PAIRS
+def test_model_unchanged(kind: str, case: dict) -> None:
+    model = case["model"]
+    for p in model.parameters():  # a user's pending gradients must survive
+        p.grad = torch.randn_like(p)
+    before = snapshot(model)
+    op = _build(kind, case)
+    v = torch.randn(op.shape[0], 3, dtype=op.dtype, generator=torch.Generator().manual_seed(0))
+    op @ v
+    op @ v[:, 0]
+    assert_unchanged(model, before)
+
+
+@PAIRS
+@pytest.mark.parametrize("keep_graph", [True, False])
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_strategies_agree(kind: str, keep_graph: bool, vectorize: bool, case: dict) -> None:
+    default = _build(kind, case)
+    op = _build(kind, case, keep_graph=keep_graph, vectorize=vectorize)
+    V = torch.randn(op.shape[0], 4, dtype=op.dtype, generator=torch.Generator().manual_seed(1))
+    expected = default @ V
+    for _ in range(2):  # the second product reuses kept graphs
+        assert rel_err(op @ V, expected) <= 1e-12
+    columns = torch.stack([op @ V[:, j] for j in range(4)], dim=1)
+    assert rel_err(columns, expected) <= 1e-12
+
+
+def test_loader_equals_full_batch() -> None:
+    """Batch size 7 over 100 samples gives the operator of one full batch (the uneven batch weighted right)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(100, 4, dtype=torch.float64), torch.randint(0, 3, (100,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 5, dtype=torch.float64)
+    for reduction in ("mean", "sum"):
+        loss_fn = torch.nn.CrossEntropyLoss(reduction=reduction)
+        for cls, _ in OPERATORS.values():
+            full = cls(model, loss_fn, (x, y)) @ V
+            assert rel_err(cls(model, loss_fn, loader) @ V, full) <= 1e-12
+
+
+def test_params_restriction_by_name_and_tensor(case: dict) -> None:
+    model = case["model"]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    chosen = trainable[::2]
+    ref = curvature_reference_hessian(case, [n for n, _ in chosen])
+    from curvature import HessianOperator
+
+    by_name = HessianOperator(model, case["loss_fn"], case["data"], params=[n for n, _ in chosen])
+    by_tensor = HessianOperator(model, case["loss_fn"], case["data"], params=[p for _, p in reversed(chosen)])
+    assert by_name.param_names == by_tensor.param_names == [n for n, _ in chosen]
+    assert rel_err(by_name.to_dense(), ref) <= 1e-10
+    assert rel_err(by_tensor.to_dense(), ref) <= 1e-10
+
+
+def curvature_reference_hessian(case: dict, names: list[str]) -> torch.Tensor:
+    from curvature.reference import hessian_matrix
+
+    return hessian_matrix(case["model"], case["loss_fn"], case["data"], params=names)
+
+
+def test_kept_graph_follows_parameter_updates() -> None:
+    case = make_case("mlp_tanh_ce_mean")
+    model = case["model"]
+    from curvature import HessianOperator
+
+    H = HessianOperator(model, case["loss_fn"], case["data"])
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    H @ v
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    fresh = HessianOperator(model, case["loss_fn"], case["data"], keep_graph=False)
+    assert rel_err(H @ v, fresh @ v) <= 1e-12
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_scipy_eigsh_top_eigenvalue(kind: str) -> None:
+    case = make_case("cnn_ce_mean")
+    op = _build(kind, case)
+    top = scipy.sparse.linalg.eigsh(op.to_scipy(), k=1, which="LA", return_eigenvectors=False)[0]
+    assert top == pytest.approx(float(torch.linalg.eigvalsh(_reference(kind, case))[-1]), rel=1e-9)
+
+
+def test_mc_fisher_converges_to_exact() -> None:
+    case = make_case("mlp_tanh_ce_mean")
+    exact = _reference("fisher", case)
+    errors = {}
+    for samples in (10, 1000):
+        op = _build("fisher", case, mc_samples=samples, generator=torch.Generator().manual_seed(3))
+        dense = op.to_dense()
+        assert rel_err(dense, dense.T) <= 1e-12
+        assert torch.linalg.eigvalsh(dense).min() >= -1e-10
+        errors[samples] = rel_err(dense, exact)
+    # Monte-Carlo error shrinks like 1/sqrt(samples): a factor 10 here; ask for 4.
+    assert errors[1000] < errors[10] / 4
+    assert errors[1000] < 0.05
+
+
+@pytest.mark.parametrize("case_id", ["mlp_relu_mse_sum", "ce_nd_ignore_index_mean", "loader_uneven_mse_mean"])
+def test_mc_fisher_is_unbiased(case_id: str) -> None:
+    """The average over many independent MC operators approaches the exact Fisher."""
+    case = make_case(case_id)
+    exact = _reference("fisher", case)
+    gen = torch.Generator().manual_seed(0)
+    ops = [_build("fisher", case, mc_samples=20, generator=gen) for _ in range(20)]
+    mean = sum(op.to_dense() for op in ops) / len(ops)
+    assert rel_err(mean, exact) < 0.05
+
+
+def test_mc_fisher_is_reproducible_and_linear() -> None:
+    case = make_case("loader_uneven_ce_mean")
+    a = _build("fisher", case, mc_samples=3, generator=torch.Generator().manual_seed(5))
+    b = _build("fisher", case, mc_samples=3, generator=torch.Generator().manual_seed(5))
+    V = torch.randn(a.shape[0], 2, dtype=torch.float64)
+    assert torch.equal(a @ V, b @ V)
+    assert rel_err(a @ (V[:, 0] + V[:, 1]), (a @ V).sum(1)) <= 1e-12
+
+
+def test_kept_graph_follows_writes_through_data() -> None:
+    """EMA-style code writes through p.data, which bypasses version counters."""
+    case = make_case("mlp_tanh_ce_mean")
+    model = case["model"]
+    from curvature import GGNOperator
+
+    G = GGNOperator(model, case["loss_fn"], case["data"])
+    v = torch.randn(G.shape[0], dtype=torch.float64)
+    G @ v
+    for p in model.parameters():
+        p.data.mul_(0.9)
+    fresh = GGNOperator(model, case["loss_fn"], case["data"], keep_graph=False)
+    assert rel_err(G @ v, fresh @ v) <= 1e-12
+
+
+@pytest.mark.parametrize("kind", sorted(OPERATORS))
+def test_batch_with_every_target_ignored(kind: str) -> None:
+    """Such a batch adds nothing to a mean loss; the operator equals the one without it."""
+    case = make_case("mlp_tanh_ce_mean")
+    (x, y), loss_fn = case["data"], case["loss_fn"]
+    ignored = torch.full_like(y[:5], -100)
+    with_empty = OPERATORS[kind][0](case["model"], loss_fn, [(x[5:], y[5:]), (x[:5], ignored)])
+    without = OPERATORS[kind][0](case["model"], loss_fn, [(x[5:], y[5:])])
+    # The empirical Fisher averages over samples: the 5 fully ignored ones have zero loss but count.
+    scale = 19 / 24 if kind == "empirical_fisher" else 1.0
+    V = torch.randn(without.shape[0], 2, dtype=torch.float64)
+    assert rel_err(with_empty @ V, scale * (without @ V)) <= 1e-12
