@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -15,6 +16,16 @@ OPERATORS = {
     "fisher": (curvature.FisherOperator, curvature.reference.fisher),
     "empirical_fisher": (curvature.EmpiricalFisherOperator, curvature.reference.empirical_fisher),
 }
+
+
+@functools.cache
+def reference(kind: str, case_name: str) -> torch.Tensor:
+    """The dense float64 reference of operator ``kind`` on registry case ``case_name``, computed once."""
+    from cases import make_case
+
+    case = make_case(case_name, torch.float64)
+    extra = {"reduction": case["reduction"]} if kind == "empirical_fisher" and "reduction" in case else {}
+    return OPERATORS[kind][1](case["model"], case["loss_fn"], case["data"], **extra)
 
 
 def operator_cases() -> list[tuple[str, str]]:

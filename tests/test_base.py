@@ -43,10 +43,10 @@ def test_products_and_counter(spd: torch.Tensor) -> None:
 
 def test_algebra(spd: torch.Tensor) -> None:
     op = Dense(spd, psd=True)
-    I = torch.eye(6, dtype=torch.float64)
+    eye = torch.eye(6, dtype=torch.float64)
     cases = {
-        "damped": (op.damped(0.5), spd + 0.5 * I),
-        "plus identity": (op + 2.0 * curvature.identity_like(op), spd + 2 * I),
+        "damped": (op.damped(0.5), spd + 0.5 * eye),
+        "plus identity": (op + 2.0 * curvature.identity_like(op), spd + 2 * eye),
         "scalar left": (3.0 * op, 3 * spd),
         "scalar right": (op * 3.0, 3 * spd),
         "division": (op / 4.0, spd / 4),

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import make_case
 from helpers import OPERATORS, assert_unchanged, snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvature
-from cases import make_case
 
 ALL = [cls for cls, _ in OPERATORS.values()]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import make_case
 from helpers import rel_err
 from torch.func import functional_call, vmap
 
 import curvature
-from cases import make_case
 
 
 def quartic(x: torch.Tensor) -> torch.Tensor:

@@ -114,12 +114,6 @@ def _rng_state(device: torch.device) -> list[torch.Tensor]:
     return states
 
 
-def _set_rng_state(states: list[torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(states[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[1], device)
-
-
 class CurvatureOperator(LinearOperator):
     """Base class for curvature operators of ``loss_fn(model(inputs), targets)`` over ``data``.
 
@@ -240,15 +234,15 @@ class CurvatureOperator(LinearOperator):
         return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     def _validate_first_batch(self) -> None:
-        with self._rng_preserved():
-            first = self._data.first()
-        inputs, targets = self._prepare_batch(*first)
-        rng_before, versions_before = _rng_state(self.device), self._versions()
+        versions_before = self._versions()
         buffers_before = {n: b.clone() for n, b in self.model.named_buffers()}
-        with torch.no_grad():
-            outputs = model_outputs(self.model, self._state(), inputs)
-        if any(not torch.equal(a, b) for a, b in zip(rng_before, _rng_state(self.device))):
-            _set_rng_state(rng_before, self.device)
+        with self._rng_preserved():  # the global RNG is restored on the way out, whatever happens
+            inputs, targets = self._prepare_batch(*self._data.first())
+            rng_before = _rng_state(self.device)
+            with torch.no_grad():
+                outputs = model_outputs(self.model, self._state(), inputs)
+            draws_random = any(not torch.equal(a, b) for a, b in zip(rng_before, _rng_state(self.device)))
+        if draws_random:
             raise ValueError(
                 "the model's forward pass draws random numbers, so its curvature would be random; make it "
                 "deterministic (model.eval(), no noise layers) before building a curvature operator."
