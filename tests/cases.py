@@ -28,6 +28,20 @@ class MeanEmbedding(nn.Module):
         return self.head(torch.tanh(self.embed(tokens)).mean(1))
 
 
+class TiedDictModel(nn.Module):
+    """Two layers sharing one weight (registered under two names), called with a dict of inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+        self.second.weight = self.first.weight  # weight tying: one parameter, two uses
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x) + shift))))
+
+
 def _mlp(sizes: list[int], act: type[nn.Module] = nn.Tanh, bias: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -138,6 +152,13 @@ def ce_weighted_mean(dtype: torch.dtype) -> dict[str, Any]:
     return dict(model=model, loss_fn=loss_fn, data=_split(x, y, [8, 8, 5]), likelihood=False)
 
 
+def tied_dict_inputs_ce_sum(dtype: torch.dtype) -> dict[str, Any]:
+    model = TiedDictModel()
+    x, shift, y = torch.randn(15, 4), torch.randn(15, 4), _classes(15, 3)
+    batches = [({"x": x[:8], "shift": shift[:8]}, y[:8]), ({"x": x[8:], "shift": shift[8:]}, y[8:])]
+    return dict(model=model, loss_fn=nn.CrossEntropyLoss(reduction="sum"), data=batches)
+
+
 def generic_loss_mean(dtype: torch.dtype) -> dict[str, Any]:
     model = _mlp([3, 5, 2])
     x, y = torch.randn(22, 3), torch.randn(22, 2)
@@ -154,7 +175,7 @@ FACTORIES: dict[str, Callable[[torch.dtype], dict[str, Any]]] = {
     for f in [
         mlp_tanh_ce_mean, mlp_relu_mse_sum, cnn_ce_mean, nobias_mse_mean, frozen_ce_sum, layernorm_ce_mean,
         batchnorm_eval_mse_mean, embedding_ce_mean, loader_uneven_ce_mean, loader_uneven_mse_mean,
-        ce_nd_logits_sum, ce_nd_ignore_index_mean, ce_weighted_mean, generic_loss_mean,
+        ce_nd_logits_sum, ce_nd_ignore_index_mean, ce_weighted_mean, tied_dict_inputs_ce_sum, generic_loss_mean,
     ]
 }
 
@@ -164,6 +185,8 @@ def _cast(obj: Any, dtype: torch.dtype) -> Any:
         return obj.to(dtype) if obj.is_floating_point() else obj
     if isinstance(obj, (tuple, list)):
         return type(obj)(_cast(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {key: _cast(val, dtype) for key, val in obj.items()}
     if isinstance(obj, DataLoader):
         return DataLoader(TensorDataset(*_cast(list(obj.dataset.tensors), dtype)), batch_size=obj.batch_size)
     return obj
