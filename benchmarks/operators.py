@@ -276,12 +276,19 @@ def sync(device: torch.device) -> None:
 
 
 def time_round_robin(rows: list[Row], reps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
-    """Time ``rows`` round-robin: after ``warmup`` rounds, each of ``reps`` rounds runs every row once, in order."""
+    """Time ``rows`` round-robin: after ``warmup`` rounds, each of ``reps`` rounds runs every row once, in order.
+
+    Returns:
+        The times in ms of every row, one per round.
+    """
     for _ in range(warmup):
         for row in rows:
             row.fn()
     times: dict[str, list[float]] = {r.label: [] for r in rows}
     for _ in range(reps):
+        # Untimed: the first row after the previous round's last one (e.g. curvlinops' vmapped product,
+        # which frees large buffers) measured 5-20% slow, an order effect that this call absorbs.
+        rows[0].fn()
         for row in rows:
             sync(device)
             start = time.perf_counter()

@@ -190,4 +190,6 @@ def vjp_columns(
              batched=False)
         for j in range(k)
     ]
+    if k == 1:
+        return [g.unsqueeze(0) for g in columns[0]]
     return [torch.stack(col) for col in zip(*columns)]

@@ -187,3 +187,19 @@ def test_batch_with_every_target_ignored(kind: str) -> None:
     scale = 19 / 24 if kind == "empirical_fisher" else 1.0
     V = torch.randn(without.shape[0], 2, dtype=torch.float64)
     assert rel_err(with_empty @ V, scale * (without @ V)) <= 1e-12
+
+
+@pytest.mark.parametrize("kind", ["ggn", "fisher", "empirical_fisher"])
+def test_fresh_forward_mode_falls_back(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model without forward-mode derivatives still gets fresh products (through the kept-graph path)."""
+    case = make_case("loader_uneven_ce_mean")
+    op = _build(kind, case)
+    v = torch.randn(op.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    expected = op @ v  # forward mode
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("Trying to use forward AD with an op that does not support it")
+
+    monkeypatch.setattr(torch.autograd.forward_ad, "make_dual", unsupported)
+    assert rel_err(op @ v, expected) <= 1e-12
+    assert rel_err(op @ v, reference(kind, case["name"]) @ v) <= 1e-10

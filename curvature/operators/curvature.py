@@ -166,6 +166,9 @@ class CurvatureOperator(LinearOperator):
         dtype, device = common_dtype_device(self._params, "the selected parameters")
         check_deterministic(model)
         self._data = Data(data)
+        # The tensors whose changes invalidate kept graphs. The operator is bound to these objects:
+        # after replacing a parameter object (not its values), build a new operator.
+        self._tracked = [*model.parameters(), *model.buffers()]
         self.reduction = resolve_reduction(loss_fn, reduction)
         self._check_loss_supported()
         super().__init__(sum(p.numel() for p in self._params), dtype, device, is_symmetric=True,
@@ -192,9 +195,14 @@ class CurvatureOperator(LinearOperator):
     def _apply(self, ctx: Any, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Return the batch curvature times ``vs`` (one ``(k, *shape)`` tensor per parameter)."""
 
-    def _batch_weight(self, outputs: torch.Tensor, targets: Any, inputs: Any) -> float:
+    def _fresh_product(self, leaves: list[torch.Tensor], inputs: Any, targets: Any, index: int,
+                       vs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Optionally, a cheaper path for one vector when no graph is kept; None to use the default."""
+        return None
+
+    def _batch_weight(self, targets: Any, inputs: Any) -> float:
         """The batch's share of the normalizer of a mean loss."""
-        return mean_count(self._kind, self.loss_fn, outputs, targets, inputs)
+        return mean_count(self._kind, self.loss_fn, targets, inputs)
 
     # -- batches -------------------------------------------------------------------------------------
     def _prepare_batch(self, inputs: Any, targets: Any) -> tuple[Any, Any]:
@@ -215,8 +223,7 @@ class CurvatureOperator(LinearOperator):
         return state
 
     def _versions(self) -> tuple[Any, ...]:
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        return tuple((id(t), t._version) for t in tensors)
+        return tuple(t._version for t in self._tracked)
 
     def _fingerprint(self) -> tuple[Any, ...]:
         """Identity, version and content sum of every parameter and buffer.
@@ -224,10 +231,9 @@ class CurvatureOperator(LinearOperator):
         Versions catch in-place updates (optimizers, ``load_state_dict``); the sums also catch writes
         through ``p.data``, which bypass version counters. One O(P) reduction per product.
         """
-        tensors = [t for t in (*self.model.parameters(), *self.model.buffers()) if t.numel()]
         with torch.no_grad():
-            sums = torch.stack([t.detach().sum().to(torch.float64) for t in tensors]).tolist() if tensors else []
-        return self._versions(), tuple(sums)
+            sums = torch.stack([t.detach().sum().to(torch.float64) for t in self._tracked if t.numel()])
+        return self._versions(), tuple(sums.tolist())
 
     def _rng_preserved(self) -> Any:
         """Restore the global RNG after iterating the data (a DataLoader draws its seed from it)."""
@@ -275,22 +281,23 @@ class CurvatureOperator(LinearOperator):
                 )
             self.reduction = inferred or "mean"
 
+    def _check_batch(self, outputs: torch.Tensor, targets: Any) -> None:
+        if self._kind != "other":
+            check_targets(self._kind, self.loss_fn, outputs, targets)
+
+    def _weight(self, targets: Any, inputs: Any) -> float:
+        return self._batch_weight(targets, inputs) if self.reduction == "mean" else 1.0
+
     def _context(self, index: int, inputs: Any, targets: Any) -> tuple[Any, float]:
         inputs, targets = self._prepare_batch(inputs, targets)
         leaves = [p.detach().requires_grad_(True) for p in self._params]
         with torch.enable_grad():
             outputs = model_outputs(self.model, self._state(leaves), inputs)
-            if self._kind != "other":
-                check_targets(self._kind, self.loss_fn, outputs, targets)
+            self._check_batch(outputs, targets)
             ctx = self._prepare(leaves, outputs, targets, index)
-        weight = self._batch_weight(outputs.detach(), targets, inputs) if self.reduction == "mean" else 1.0
-        return ctx, weight
+        return ctx, self._weight(targets, inputs)
 
-    def _contexts(self) -> Iterable[tuple[Any, float]]:
-        if not self.keep_graph:
-            for index, (inputs, targets) in enumerate(self._data):
-                yield self._context(index, inputs, targets)
-            return
+    def _kept_contexts(self) -> Iterable[tuple[Any, float]]:
         key = self._fingerprint()
         if key != self._cache_key:
             self._cache, self._cache_complete, self._cache_key = [], False, key
@@ -304,6 +311,23 @@ class CurvatureOperator(LinearOperator):
             yield entry
         self._cache_complete = True
 
+    def _batch_products(self, vs: list[torch.Tensor]) -> Iterable[tuple[list[torch.Tensor], float]]:
+        """Yield each batch's curvature times ``vs`` with the batch's weight."""
+        if self.keep_graph:
+            for ctx, weight in self._kept_contexts():
+                yield self._apply(ctx, vs), weight
+            return
+        for index, (inputs, targets) in enumerate(self._data):
+            if vs[0].shape[0] == 1:
+                batch_inputs, batch_targets = self._prepare_batch(inputs, targets)
+                leaves = [p.detach().requires_grad_(True) for p in self._params]
+                columns = self._fresh_product(leaves, batch_inputs, batch_targets, index, vs)
+                if columns is not None:
+                    yield columns, self._weight(batch_targets, batch_inputs)
+                    continue
+            ctx, weight = self._context(index, inputs, targets)
+            yield self._apply(ctx, vs), weight
+
     # -- the product ---------------------------------------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         k = V.shape[1]
@@ -313,19 +337,26 @@ class CurvatureOperator(LinearOperator):
             for chunk, p in zip(rows.split([p.numel() for p in self._params], dim=1), self._params)
         ]
         total: torch.Tensor | None = None
+        first_weight: float | None = None  # the scaling is deferred: one batch needs none
         weight_sum = 0.0
-        with torch.no_grad(), self._rng_preserved():
-            for ctx, weight in self._contexts():
-                with torch.enable_grad():
-                    columns = self._apply(ctx, vs)
-                flat = torch.cat([c.reshape(k, -1) for c in columns], dim=1)
-                total = flat.mul_(weight) if total is None else total.add_(flat, alpha=weight)
+        with self._rng_preserved(), torch.enable_grad():
+            for columns, weight in self._batch_products(vs):
+                with torch.no_grad():
+                    flat = torch.cat([c.reshape(k, -1) for c in columns], dim=1) if len(columns) > 1 \
+                        else columns[0].reshape(k, -1)
+                    if total is None:
+                        total, first_weight = flat, weight
+                    else:
+                        if first_weight is not None:
+                            total = total.mul(first_weight)
+                            first_weight = None
+                        total.add_(flat, alpha=weight)
                 weight_sum += weight
         if total is None:
             raise ValueError("data is empty: it yielded no (inputs, targets) batch.")
-        if self.reduction == "mean":
-            if weight_sum == 0:
-                raise ValueError("every target in the data is ignored (ignore_index), so the mean loss is undefined.")
+        if self.reduction == "mean" and weight_sum == 0:
+            raise ValueError("every target in the data is ignored (ignore_index), so the mean loss is undefined.")
+        if first_weight is None and self.reduction == "mean":
             total = total.div_(weight_sum)
         result = total.T.contiguous()
         check_finite(

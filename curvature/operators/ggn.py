@@ -23,16 +23,17 @@ from abc import abstractmethod
 from typing import Any, Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from .._checks import check_generator
-from .._func import vjp_columns
+from .._func import model_outputs, vjp_columns
 from .curvature import CurvatureOperator
 from .data import batch_size
 from .losses import output_hessian, per_sample_losses, sampled_output_gradients
 
 __all__ = ["EmpiricalFisherOperator", "FisherOperator", "GGNOperator"]
 
-OutputMap = tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+OutputMatrix = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _JacobianSandwich(CurvatureOperator):
@@ -41,20 +42,46 @@ class _JacobianSandwich(CurvatureOperator):
     def _known_psd(self) -> bool:
         return True
 
+    def _output(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        """The differentiable output ``z`` whose Jacobian ``J`` sandwiches ``Lambda`` (default: the outputs)."""
+        return outputs
+
     @abstractmethod
-    def _output_map(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMap:
-        """Return ``z`` (with graph) and the map ``U -> Lambda U`` for ``U`` of shape ``(k, *z.shape)``."""
+    def _output_matrix(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMatrix:
+        """The map ``U -> Lambda U`` for ``U`` of shape ``(k, *z.shape)``, from the detached model outputs."""
 
     def _prepare(self, leaves: list[torch.Tensor], outputs: torch.Tensor, targets: Any, index: int) -> Any:
-        z, lam = self._output_map(outputs, targets, index)
+        z = self._output(outputs, targets)
         dummy = torch.zeros_like(z, requires_grad=True)
         jt = torch.autograd.grad(z, leaves, dummy, create_graph=True, allow_unused=True)
-        return leaves, z, dummy, jt, lam
+        return leaves, z, dummy, jt, self._output_matrix(outputs.detach(), targets, index)
 
     def _apply(self, ctx: Any, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         leaves, z, dummy, jt, lam = ctx
         (jv,) = vjp_columns(jt, [dummy], vs, vectorize=self.vectorize)
         return vjp_columns([z], leaves, [lam(jv)], vectorize=self.vectorize)
+
+    def _fresh_product(self, leaves: list[torch.Tensor], inputs: Any, targets: Any, index: int,
+                       vs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """One product without a kept graph: ``J v`` in forward mode, then one backward pass.
+
+        A single forward pass with dual numbers gives both ``z`` (with its autograd graph) and ``J v``:
+        cheaper than building the graph of ``J^T u`` for one vector (half the time on a CNN, measured).
+        Returns None when an operation of the model has no forward-mode derivative.
+        """
+        try:
+            with fwAD.dual_level():
+                duals = [fwAD.make_dual(leaf, v[0]) for leaf, v in zip(leaves, vs)]
+                dual_outputs = model_outputs(self.model, self._state(duals), inputs)
+                outputs = fwAD.unpack_dual(dual_outputs).primal
+                self._check_batch(outputs, targets)
+                z, jv = fwAD.unpack_dual(self._output(dual_outputs, targets))
+        except (NotImplementedError, RuntimeError):
+            return None
+        if jv is None:  # z does not depend on the parameters
+            jv = torch.zeros_like(z)
+        lam = self._output_matrix(outputs.detach(), targets, index)
+        return vjp_columns([z], leaves, [lam(jv.unsqueeze(0))], vectorize=False)
 
 
 class GGNOperator(_JacobianSandwich):
@@ -89,8 +116,8 @@ class GGNOperator(_JacobianSandwich):
                 "here; use curvature.HessianOperator, or drop one of the two."
             )
 
-    def _output_map(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMap:
-        return outputs, output_hessian(self._kind, self.loss_fn, outputs, targets, self.reduction)
+    def _output_matrix(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMatrix:
+        return output_hessian(self._kind, self.loss_fn, outputs, targets, self.reduction)
 
 
 class FisherOperator(GGNOperator):
@@ -165,13 +192,13 @@ class FisherOperator(GGNOperator):
                 "CrossEntropyLoss with class weight= is not a likelihood, so it has no Fisher; use GGNOperator."
             )
 
-    def _output_map(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMap:
+    def _output_matrix(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMatrix:
         if self.mc_samples is None:
-            return super()._output_map(outputs, targets, index)
+            return super()._output_matrix(outputs, targets, index)
         generator = torch.Generator(device=self.device).manual_seed(self._seed + index)
         g = sampled_output_gradients(self._kind, self.loss_fn, outputs, targets, self.mc_samples, generator)
         if self.reduction == "mean":
-            scale = 1.0 / (self.mc_samples * self._batch_weight(outputs, targets, None))
+            scale = 1.0 / (self.mc_samples * self._batch_weight(targets, None))
         else:
             scale = 1.0 / self.mc_samples
         n = outputs.shape[0]
@@ -181,7 +208,7 @@ class FisherOperator(GGNOperator):
             coeff = torch.einsum("knd,mnd->kmn", U.reshape(U.shape[0], n, -1), gf)
             return (scale * torch.einsum("kmn,mnd->knd", coeff, gf)).reshape(U.shape)
 
-        return outputs, sampled
+        return sampled
 
 
 class EmpiricalFisherOperator(_JacobianSandwich):
@@ -205,10 +232,12 @@ class EmpiricalFisherOperator(_JacobianSandwich):
         (4, 4)
     """
 
-    def _output_map(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMap:
-        losses = per_sample_losses(self._kind, self.loss_fn, outputs, targets, self.reduction)
-        scale = 1.0 / losses.shape[0] if self.reduction == "mean" else 1.0
-        return losses, lambda U: scale * U
+    def _output(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        return per_sample_losses(self._kind, self.loss_fn, outputs, targets, self.reduction)
 
-    def _batch_weight(self, outputs: torch.Tensor, targets: Any, inputs: Any) -> float:
+    def _output_matrix(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMatrix:
+        scale = 1.0 / outputs.shape[0] if self.reduction == "mean" else 1.0
+        return lambda U: scale * U
+
+    def _batch_weight(self, targets: Any, inputs: Any) -> float:
         return float(batch_size(inputs))

@@ -131,30 +131,29 @@ def check_targets(kind: Kind, loss_fn: Any, outputs: torch.Tensor, targets: Any)
         )
 
 
-def _ce_position_weights(loss_fn: nn.CrossEntropyLoss, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _ce_position_weights(loss_fn: nn.CrossEntropyLoss, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Per-position factor ``w_u`` of the cross-entropy Hessian, shape ``(N, d1, ...)``."""
     if targets.is_floating_point():
         if loss_fn.weight is None:
-            return torch.ones(targets.shape[:1] + targets.shape[2:], dtype=outputs.dtype, device=outputs.device)
+            return torch.ones(targets.shape[:1] + targets.shape[2:], dtype=dtype, device=targets.device)
         shape = [1, -1] + [1] * (targets.ndim - 2)
-        return (targets * loss_fn.weight.view(shape)).sum(1).to(outputs.dtype)
+        return (targets * loss_fn.weight.view(shape)).sum(1).to(dtype)
     mask = targets != loss_fn.ignore_index
     if loss_fn.weight is None:
-        return mask.to(outputs.dtype)
-    return loss_fn.weight.to(outputs.dtype)[targets.clamp(min=0)] * mask
+        return mask.to(dtype)
+    return loss_fn.weight.to(dtype)[targets.clamp(min=0)] * mask
 
 
-def mean_count(kind: Kind, loss_fn: Any, outputs: torch.Tensor, targets: Any, inputs: Any) -> float:
+def mean_count(kind: Kind, loss_fn: Any, targets: Any, inputs: Any) -> float:
     """Return what ``reduction="mean"`` divides the batch's summed loss by.
 
-    MSE: the number of output entries. CE: the number of non-ignored positions, or the sum of their
-    class weights when ``weight=`` is set (as PyTorch defines it); ``N * d1 * ...`` for probability
-    targets. Any other loss: the batch size.
+    MSE: the number of output entries (targets match the outputs' shape). CE: the number of non-ignored
+    positions, or the sum of their class weights when ``weight=`` is set (as PyTorch defines it);
+    ``N * d1 * ...`` for probability targets. Any other loss: the batch size.
 
     Args:
         kind: The loss kind.
         loss_fn: The loss.
-        outputs: The batch's outputs.
         targets: The batch's targets.
         inputs: The batch's inputs.
 
@@ -164,11 +163,11 @@ def mean_count(kind: Kind, loss_fn: Any, outputs: torch.Tensor, targets: Any, in
     from .data import batch_size
 
     if kind == "mse":
-        return float(outputs.numel())
+        return float(targets.numel())
     if kind == "ce":
         if targets.is_floating_point():
-            return float(outputs.numel() // outputs.shape[1])
-        return float(_ce_position_weights(loss_fn, outputs, targets).sum())
+            return float(targets.numel() // targets.shape[1])
+        return float(_ce_position_weights(loss_fn, targets, torch.float64).sum())
     return float(batch_size(inputs))
 
 
@@ -196,8 +195,8 @@ def output_hessian(
         scale = 2.0 / (z.numel() if reduction == "mean" else 1.0)
         return lambda U: scale * U
     if kind == "ce":
-        weights = _ce_position_weights(loss_fn, z, targets)
-        count = mean_count(kind, loss_fn, z, targets, z)
+        weights = _ce_position_weights(loss_fn, targets, z.dtype)
+        count = mean_count(kind, loss_fn, targets, None)
         if reduction == "mean" and count > 0:  # a batch with every target ignored has zero curvature
             weights = weights / count
         p = torch.softmax(z, dim=1).unsqueeze(0)
@@ -284,7 +283,7 @@ def per_sample_losses(
             return entries.sum(1)
         if targets.is_floating_point():
             return entries.mean(1)
-        counts = _ce_position_weights(loss_fn, outputs, targets).reshape(outputs.shape[0], -1).sum(1)
+        counts = _ce_position_weights(loss_fn, targets, outputs.dtype).reshape(outputs.shape[0], -1).sum(1)
         return entries.sum(1) / counts.masked_fill(counts == 0, 1)  # a sample with every target ignored: 0
     return _generic_per_sample_losses(loss_fn, outputs, targets)
 
