@@ -94,8 +94,10 @@ class LinearOperator(ABC):
         return out
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        if isinstance(v, torch.Tensor) and v.ndim == 1:
+            return self.matvec(v)
         check_operand(v, self.shape[1], self.dtype, self.device, "v")
-        return self.matvec(v) if v.ndim == 1 else self.matmat(v)
+        return self.matmat(v)
 
     # -- dense and scipy views -------------------------------------------------------------------
     def to_dense(self, chunk_size: int = 256) -> torch.Tensor:

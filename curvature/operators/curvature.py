@@ -171,7 +171,9 @@ class CurvatureOperator(LinearOperator):
         self._tracked = [*model.parameters(), *model.buffers()]
         self.reduction = resolve_reduction(loss_fn, reduction)
         self._check_loss_supported()
-        super().__init__(sum(p.numel() for p in self._params), dtype, device, is_symmetric=True,
+        self._sizes = [p.numel() for p in self._params]
+        self._shapes = [p.shape for p in self._params]
+        super().__init__(sum(self._sizes), dtype, device, is_symmetric=True,
                          is_psd=self._known_psd())
         self.keep_graph = self._data.single if keep_graph is None else bool(keep_graph)
         self.vectorize = self.device.type != "cpu" if vectorize is None else bool(vectorize)
@@ -232,11 +234,14 @@ class CurvatureOperator(LinearOperator):
         through ``p.data``, which bypass version counters. One O(P) reduction per product.
         """
         with torch.no_grad():
-            sums = torch.stack([t.detach().sum().to(torch.float64) for t in self._tracked if t.numel()])
+            sums = torch.stack([t.sum().to(self.dtype) for t in self._tracked if t.numel()])
         return self._versions(), tuple(sums.tolist())
 
     def _rng_preserved(self) -> Any:
-        """Restore the global RNG after iterating the data (a DataLoader draws its seed from it)."""
+        """Restore the global RNG after iterating the data (a DataLoader draws its seed from it).
+
+        Only the data iteration is wrapped: products through complete kept graphs skip the cost.
+        """
         return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     def _validate_first_batch(self) -> None:
@@ -305,10 +310,11 @@ class CurvatureOperator(LinearOperator):
             yield from self._cache
             return
         self._cache = []
-        for index, (inputs, targets) in enumerate(self._data):
-            entry = self._context(index, inputs, targets)
-            self._cache.append(entry)
-            yield entry
+        with self._rng_preserved():
+            for index, (inputs, targets) in enumerate(self._data):
+                entry = self._context(index, inputs, targets)
+                self._cache.append(entry)
+                yield entry
         self._cache_complete = True
 
     def _batch_products(self, vs: list[torch.Tensor]) -> Iterable[tuple[list[torch.Tensor], float]]:
@@ -317,6 +323,10 @@ class CurvatureOperator(LinearOperator):
             for ctx, weight in self._kept_contexts():
                 yield self._apply(ctx, vs), weight
             return
+        with self._rng_preserved():
+            yield from self._fresh_batch_products(vs)
+
+    def _fresh_batch_products(self, vs: list[torch.Tensor]) -> Iterable[tuple[list[torch.Tensor], float]]:
         for index, (inputs, targets) in enumerate(self._data):
             if vs[0].shape[0] == 1:
                 batch_inputs, batch_targets = self._prepare_batch(inputs, targets)
@@ -331,26 +341,22 @@ class CurvatureOperator(LinearOperator):
     # -- the product ---------------------------------------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         k = V.shape[1]
-        rows = V.T
-        vs = [
-            chunk.reshape(k, *p.shape)
-            for chunk, p in zip(rows.split([p.numel() for p in self._params], dim=1), self._params)
-        ]
+        vs = [chunk.reshape(k, *shape) for chunk, shape in zip(V.T.split(self._sizes, dim=1), self._shapes)]
         total: torch.Tensor | None = None
         first_weight: float | None = None  # the scaling is deferred: one batch needs none
         weight_sum = 0.0
-        with self._rng_preserved(), torch.enable_grad():
+        with torch.enable_grad():
             for columns, weight in self._batch_products(vs):
-                with torch.no_grad():
-                    flat = torch.cat([c.reshape(k, -1) for c in columns], dim=1) if len(columns) > 1 \
-                        else columns[0].reshape(k, -1)
-                    if total is None:
-                        total, first_weight = flat, weight
-                    else:
-                        if first_weight is not None:
-                            total = total.mul(first_weight)
-                            first_weight = None
-                        total.add_(flat, alpha=weight)
+                # Products come out of autograd.grad without a graph: no no_grad() needed here.
+                flat = torch.cat([c.reshape(k, -1) for c in columns], dim=1) if len(columns) > 1 \
+                    else columns[0].reshape(k, -1)
+                if total is None:
+                    total, first_weight = flat, weight
+                else:
+                    if first_weight is not None:
+                        total = total.mul(first_weight)
+                        first_weight = None
+                    total.add_(flat, alpha=weight)
                 weight_sum += weight
         if total is None:
             raise ValueError("data is empty: it yielded no (inputs, targets) batch.")
@@ -358,13 +364,12 @@ class CurvatureOperator(LinearOperator):
             raise ValueError("every target in the data is ignored (ignore_index), so the mean loss is undefined.")
         if first_weight is None and self.reduction == "mean":
             total = total.div_(weight_sum)
-        result = total.T.contiguous()
         check_finite(
-            result, "the curvature product",
+            total, "the curvature product",
             "the loss or its derivatives are not finite at these parameters; check the data and the model's "
             "outputs (a log of 0?), or compute in float64.",
         )
-        return result
+        return total.T.contiguous()
 
     def clear_cache(self) -> None:
         """Free the kept autograd graphs; the next product rebuilds them."""
