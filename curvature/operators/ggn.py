@@ -14,7 +14,9 @@ operator                    :math:`z`                    :math:`\Lambda`
 
 Products use two kept graphs per batch: the forward graph of :math:`z` (for :math:`J^\top u`, one backward)
 and the graph of :math:`J^\top u` as a linear function of a dummy :math:`u` (for :math:`J v`, the
-"double-backward trick", one more backward). No forward pass is repeated while the graph is kept.
+"double-backward trick", one more backward). No forward pass is repeated while the graph is kept. A
+single product without a kept graph computes :math:`J v` in forward mode instead (dual numbers through
+one forward pass), which is cheaper than building the :math:`J^\top u` graph for one vector.
 """
 
 from __future__ import annotations
