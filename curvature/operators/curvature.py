@@ -132,7 +132,7 @@ class CurvatureOperator(LinearOperator):
         keep_graph: Keep each batch's autograd graph between products so that a product costs one or
             two backward passes instead of a full forward-backward-backward. Default: True for a single
             batch, False for an iterable (memory would grow with the data). Graphs are rebuilt when the
-            parameters or buffers change in place.
+            parameters or buffers change, in place or through ``p.data``.
         vectorize: Push the ``k`` columns of a ``matmat`` through the graph at once (vmap) instead of in
             a loop. Default: True on accelerators, False on CPU, where the loop measured faster.
 
@@ -293,14 +293,15 @@ class CurvatureOperator(LinearOperator):
     def _weight(self, targets: Any, inputs: Any) -> float:
         return self._batch_weight(targets, inputs) if self.reduction == "mean" else 1.0
 
-    def _context(self, index: int, inputs: Any, targets: Any) -> tuple[Any, float]:
-        inputs, targets = self._prepare_batch(inputs, targets)
-        leaves = [p.detach().requires_grad_(True) for p in self._params]
+    def _leaves(self) -> list[torch.Tensor]:
+        """Fresh leaves sharing storage with the selected parameters: the graph never reaches the model."""
+        return [p.detach().requires_grad_(True) for p in self._params]
+
+    def _context(self, index: int, inputs: Any, targets: Any, leaves: list[torch.Tensor]) -> Any:
         with torch.enable_grad():
             outputs = model_outputs(self.model, self._state(leaves), inputs)
             self._check_batch(outputs, targets)
-            ctx = self._prepare(leaves, outputs, targets, index)
-        return ctx, self._weight(targets, inputs)
+            return self._prepare(leaves, outputs, targets, index)
 
     def _kept_contexts(self) -> Iterable[tuple[Any, float]]:
         key = self._fingerprint()
@@ -311,8 +312,9 @@ class CurvatureOperator(LinearOperator):
             return
         self._cache = []
         with self._rng_preserved():
-            for index, (inputs, targets) in enumerate(self._data):
-                entry = self._context(index, inputs, targets)
+            for index, batch in enumerate(self._data):
+                inputs, targets = self._prepare_batch(*batch)
+                entry = self._context(index, inputs, targets, self._leaves()), self._weight(targets, inputs)
                 self._cache.append(entry)
                 yield entry
         self._cache_complete = True
@@ -327,16 +329,14 @@ class CurvatureOperator(LinearOperator):
             yield from self._fresh_batch_products(vs)
 
     def _fresh_batch_products(self, vs: list[torch.Tensor]) -> Iterable[tuple[list[torch.Tensor], float]]:
-        for index, (inputs, targets) in enumerate(self._data):
-            if vs[0].shape[0] == 1:
-                batch_inputs, batch_targets = self._prepare_batch(inputs, targets)
-                leaves = [p.detach().requires_grad_(True) for p in self._params]
-                columns = self._fresh_product(leaves, batch_inputs, batch_targets, index, vs)
-                if columns is not None:
-                    yield columns, self._weight(batch_targets, batch_inputs)
-                    continue
-            ctx, weight = self._context(index, inputs, targets)
-            yield self._apply(ctx, vs), weight
+        single = vs[0].shape[0] == 1
+        for index, batch in enumerate(self._data):
+            inputs, targets = self._prepare_batch(*batch)
+            leaves = self._leaves()
+            columns = self._fresh_product(leaves, inputs, targets, index, vs) if single else None
+            if columns is None:
+                columns = self._apply(self._context(index, inputs, targets, leaves), vs)
+            yield columns, self._weight(targets, inputs)
 
     # -- the product ---------------------------------------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
