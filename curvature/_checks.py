@@ -6,6 +6,7 @@ fix it. Checks run before any expensive work starts.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -95,6 +96,7 @@ def check_scalar(value: Any, name: str) -> float:
 
     Raises:
         TypeError: If ``value`` is not a real number.
+        ValueError: If it is NaN or infinite.
     """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -102,6 +104,8 @@ def check_scalar(value: Any, name: str) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}.")
     return float(value)
 
 

@@ -159,6 +159,16 @@ def tied_dict_inputs_ce_sum(dtype: torch.dtype) -> dict[str, Any]:
     return dict(model=model, loss_fn=nn.CrossEntropyLoss(reduction="sum"), data=batches)
 
 
+def ce_soft_targets_smoothed_mean(dtype: torch.dtype) -> dict[str, Any]:
+    """Probability targets that do not sum to one (some rows all zero: masked), with label smoothing."""
+    model = _mlp([4, 6, 3])
+    x = torch.randn(17, 4)
+    q = 1.3 * torch.softmax(torch.randn(17, 3), dim=1)
+    q[::5] = 0.0
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    return dict(model=model, loss_fn=loss_fn, data=_split(x, q, [7, 7, 3]), likelihood=False)
+
+
 def generic_loss_mean(dtype: torch.dtype) -> dict[str, Any]:
     model = _mlp([3, 5, 2])
     x, y = torch.randn(22, 3), torch.randn(22, 2)
@@ -175,7 +185,8 @@ FACTORIES: dict[str, Callable[[torch.dtype], dict[str, Any]]] = {
     for f in [
         mlp_tanh_ce_mean, mlp_relu_mse_sum, cnn_ce_mean, nobias_mse_mean, frozen_ce_sum, layernorm_ce_mean,
         batchnorm_eval_mse_mean, embedding_ce_mean, loader_uneven_ce_mean, loader_uneven_mse_mean,
-        ce_nd_logits_sum, ce_nd_ignore_index_mean, ce_weighted_mean, tied_dict_inputs_ce_sum, generic_loss_mean,
+        ce_nd_logits_sum, ce_nd_ignore_index_mean, ce_weighted_mean, ce_soft_targets_smoothed_mean,
+        tied_dict_inputs_ce_sum, generic_loss_mean,
     ]
 }
 

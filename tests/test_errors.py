@@ -207,3 +207,62 @@ def test_weighted_label_smoothed_ce_refused_by_ggn_at_construction(mlp: dict) ->
     with pytest.raises(ValueError, match="label_smoothing"):
         curvature.GGNOperator(mlp["model"], loss_fn, mlp["data"])
     curvature.HessianOperator(mlp["model"], loss_fn, mlp["data"])  # the Hessian needs no closed form
+
+
+class IntOutputs(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * 10).long()
+
+
+def test_more_bad_input(mlp: dict) -> None:
+    model, (x, y), loss_fn = mlp["model"], mlp["data"], mlp["loss_fn"]
+    with pytest.raises(TypeError, match="floating-point outputs"):
+        curvature.HessianOperator(nn.Sequential(model, IntOutputs()), lambda z, t: z.sum(), (x, y))
+    with pytest.raises(TypeError, match="targets.long"):
+        curvature.GGNOperator(model, loss_fn, (x, y.int()))
+    with pytest.raises(TypeError, match="scalar tensor, got float"):
+        curvature.HessianOperator(model, lambda z, t: 1.0, (x, y), reduction="mean")
+    with pytest.raises(ValueError, match="holds no samples"):
+        curvature.HessianOperator(model, loss_fn, (x[:0], y[:0]))
+    with pytest.raises(ValueError, match="every target of the first batch is ignored"):
+        curvature.HessianOperator(model, loss_fn, (x, torch.full_like(y, -100)))
+    with pytest.raises(TypeError, match="keep_graph must be"):
+        curvature.HessianOperator(model, loss_fn, (x, y), keep_graph="no")
+    H = curvature.HessianOperator(model, loss_fn, (x, y))
+    with pytest.raises(ValueError, match="finite"):
+        H * float("nan")
+
+
+def test_detached_loss_is_refused(mlp: dict) -> None:
+    model, data = mlp["model"], mlp["data"]
+    for cls in (curvature.HessianOperator, curvature.GGNOperator):
+        op = cls(model, lambda z, t: nn.functional.cross_entropy(z.detach(), t), data)
+        with pytest.raises(ValueError, match="not depend on the"):
+            op @ torch.ones(op.shape[0], dtype=torch.float64)
+
+
+def test_data_shapes_are_explained(mlp: dict) -> None:
+    model, (x, y), loss_fn = mlp["model"], mlp["data"], mlp["loss_fn"]
+    with pytest.raises(TypeError, match="tuple of 3 tensors"):
+        curvature.HessianOperator(model, loss_fn, (x, y, torch.ones(24)))
+
+
+def test_structured_targets_and_tied_aliases() -> None:
+    from cases import make_case
+
+    case = make_case("tied_dict_inputs_ce_sum")
+    model = case["model"]
+    H = curvature.HessianOperator(model, case["loss_fn"], case["data"], params=["second.weight"])
+    assert H.param_names == ["first.weight"]  # the tied weight's second name means its first
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(3, 4)).double()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    targets = (torch.randn(10, 2, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64))
+
+    def two_heads(z, t):
+        return ((z[:, :2] - t[0]) ** 2).mean() + ((z[:, 2:] - t[1]) ** 2).mean()
+
+    op = curvature.HessianOperator(mlp, two_heads, (x, targets))
+    ref = curvature.reference.hessian_matrix(mlp, two_heads, (x, targets))
+    assert float((op.to_dense() - ref).norm() / ref.norm()) <= 1e-10

@@ -8,6 +8,8 @@ import torch
 from cases import make_case
 from helpers import OPERATORS, assert_unchanged, operator_cases, reference, rel_err, snapshot
 
+import curvature.reference as curvature_reference
+
 PAIRS = pytest.mark.parametrize("kind, case_name", operator_cases())  # Fisher: likelihood losses only
 
 
@@ -203,3 +205,77 @@ def test_fresh_forward_mode_falls_back(kind: str, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torch.autograd.forward_ad, "make_dual", unsupported)
     assert rel_err(op @ v, expected) <= 1e-12
     assert rel_err(op @ v, reference(kind, case["name"]) @ v) <= 1e-10
+
+
+@pytest.mark.parametrize("kind", sorted(OPERATORS))
+def test_empty_batch_adds_nothing(kind: str) -> None:
+    case = make_case("mlp_tanh_ce_mean")
+    (x, y), model = case["data"], case["model"]
+    def kwargs() -> dict:  # the MC Fisher, with the same seed for both operators
+        return {"mc_samples": 2, "generator": torch.Generator().manual_seed(0)} if kind == "fisher" else {}
+
+    for loss_fn in (case["loss_fn"], torch.nn.MSELoss()):
+        targets = y if isinstance(loss_fn, torch.nn.CrossEntropyLoss) else torch.randn(24, 3, dtype=torch.float64)
+        cls = OPERATORS[kind][0]
+        with_empty = cls(model, loss_fn, [(x, targets), (x[:0], targets[:0])], **kwargs())
+        without = cls(model, loss_fn, [(x, targets)], **kwargs())
+        V = torch.randn(without.shape[0], 2, dtype=torch.float64)
+        assert rel_err(with_empty @ V, without @ V) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [torch.nn.NLLLoss(ignore_index=1), torch.nn.NLLLoss(weight=torch.tensor([0.5, 1.0, 2.0])),
+     torch.nn.KLDivLoss(reduction="batchmean")],
+    ids=["nll_ignore_index", "nll_weighted", "kl_batchmean"],
+)
+def test_other_averaging_losses_weight_batches_exactly(loss_fn: torch.nn.Module) -> None:
+    """Losses outside MSE/CE that average over a varying count: batches still combine exactly."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LogSoftmax(dim=1)).double()
+    loss_fn = loss_fn.double()
+    x = torch.randn(15, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (15,)) if isinstance(loss_fn, torch.nn.NLLLoss) \
+        else torch.softmax(torch.randn(15, 3, dtype=torch.float64), 1)
+    data = [(x[:6], y[:6]), (x[6:], y[6:])]
+    ref = curvature_reference.hessian_matrix(model, loss_fn, data)
+    from curvature import HessianOperator
+
+    assert rel_err(HessianOperator(model, loss_fn, data).to_dense(), ref) <= 1e-10
+
+
+def test_operator_follows_replaced_parameters() -> None:
+    case = make_case("mlp_tanh_ce_mean")
+    model = case["model"]
+    from curvature import GGNOperator, HessianOperator
+
+    for keep_graph in (True, False):
+        H = HessianOperator(model, case["loss_fn"], case["data"], keep_graph=keep_graph)
+        v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        H @ v
+        state = {k: t + 0.1 for k, t in model.state_dict().items()}
+        model.load_state_dict(state, assign=True)  # new parameter objects
+        assert rel_err(H @ v, HessianOperator(model, case["loss_fn"], case["data"]) @ v) <= 1e-12
+    G = GGNOperator(model, case["loss_fn"], case["data"])
+    model[0].weight = torch.nn.Parameter(torch.zeros(3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="reshaped"):
+        G @ torch.ones(G.shape[0], dtype=torch.float64)
+
+
+def test_switching_to_train_mode_is_refused_at_the_product() -> None:
+    case = make_case("batchnorm_eval_mse_mean")
+    model = case["model"]
+    from curvature import HessianOperator
+
+    for keep_graph in (True, False):
+        model.eval()
+        H = HessianOperator(model, case["loss_fn"], case["data"], keep_graph=keep_graph)
+        v = torch.ones(H.shape[0], dtype=torch.float64)
+        H @ v
+        model.train()
+        before = snapshot(model)
+        with pytest.raises(ValueError, match="model.eval"):
+            H @ v
+        assert_unchanged(model, before)
+        model.eval()
+        assert rel_err(H @ v, reference("hessian", case["name"]) @ v) <= 1e-10

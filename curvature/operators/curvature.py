@@ -21,7 +21,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from .._checks import check_finite, common_dtype_device
 from .._func import model_outputs
 from .base import LinearOperator
-from .data import Data, floating_tensors, to_device
+from .data import Data, batch_size, floating_tensors, to_device
 from .losses import check_targets, infer_reduction, loss_kind, mean_count, resolve_reduction
 
 __all__ = ["CurvatureOperator", "select_parameters"]
@@ -54,9 +54,11 @@ def select_parameters(model: nn.Module, params: ParamsArg) -> list[tuple[str, nn
         raise TypeError("params must be an iterable of parameters or names, e.g. ['fc.weight'] or [model.fc.weight].")
     by_name = dict(named)
     by_id = {id(p): n for n, p in named}
+    aliases = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}  # tied weights
     chosen: set[str] = set()
     for item in params:
         if isinstance(item, str):
+            item = aliases.get(item, item)  # a tied weight's second name means its first
             if item not in by_name:
                 raise ValueError(
                     f"params names {item!r}, which is not a parameter of the model; its parameters are "
@@ -105,6 +107,23 @@ def check_deterministic(model: nn.Module) -> None:
                 f"{label} is in training mode: it normalizes with batch statistics and updates its running "
                 "statistics on every forward pass; call model.eval() first."
             )
+
+
+def require_graph(t: torch.Tensor, what: str) -> None:
+    """Refuse a tensor that does not depend on the parameters (detached, or built from constants).
+
+    Args:
+        t: The tensor computed from the parameter leaves.
+        what: Its name for the message.
+
+    Raises:
+        ValueError: If ``t`` carries no autograd graph.
+    """
+    if not t.requires_grad:
+        raise ValueError(
+            f"{what} do not depend on the selected parameters (a .detach(), .item() or torch.no_grad() inside "
+            "the model or loss_fn?); curvature needs them differentiable."
+        )
 
 
 def _rng_state(device: torch.device) -> list[torch.Tensor]:
@@ -166,17 +185,22 @@ class CurvatureOperator(LinearOperator):
         dtype, device = common_dtype_device(self._params, "the selected parameters")
         check_deterministic(model)
         self._data = Data(data)
-        # The tensors whose changes invalidate kept graphs. The operator is bound to these objects:
-        # after replacing a parameter object (not its values), build a new operator.
+        # The tensors whose changes invalidate kept graphs; rebound by name if the model's parameter or
+        # buffer objects are replaced (e.g. load_state_dict(assign=True)).
         self._tracked = [*model.parameters(), *model.buffers()]
+        self._modules_list = list(model.modules())
+        self._modes = tuple(m.training for m in self._modules_list)
         self.reduction = resolve_reduction(loss_fn, reduction)
         self._check_loss_supported()
         self._sizes = [p.numel() for p in self._params]
         self._shapes = [p.shape for p in self._params]
         super().__init__(sum(self._sizes), dtype, device, is_symmetric=True,
                          is_psd=self._known_psd())
-        self.keep_graph = self._data.single if keep_graph is None else bool(keep_graph)
-        self.vectorize = self.device.type != "cpu" if vectorize is None else bool(vectorize)
+        for flag, value in (("keep_graph", keep_graph), ("vectorize", vectorize)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True, False or None (automatic), got {value!r}.")
+        self.keep_graph = self._data.single if keep_graph is None else keep_graph
+        self.vectorize = self.device.type != "cpu" if vectorize is None else vectorize
         self._cache: list[tuple[Any, float]] = []
         self._cache_complete = False
         self._cache_key: tuple[Any, ...] | None = None
@@ -224,6 +248,38 @@ class CurvatureOperator(LinearOperator):
         state.update(self.model.named_buffers())
         return state
 
+    def _sync_with_model(self) -> None:
+        """Follow the model between products: replaced tensors and train/eval switches.
+
+        A parameter or buffer *object* replaced since the last product is picked up by name (its shape,
+        dtype and device must not change). A changed train/eval mode re-runs the checks of construction,
+        so that switching to ``model.train()`` with dropout or batch norm is refused, never silently used.
+
+        Raises:
+            ValueError: If a selected parameter disappeared or changed shape, dtype or device, or the new
+                mode makes the curvature random or changes the model.
+        """
+        tracked = [*self.model.parameters(), *self.model.buffers()]
+        if len(tracked) != len(self._tracked) or any(a is not b for a, b in zip(tracked, self._tracked)):
+            named = dict(self.model.named_parameters())
+            missing = [n for n in self.param_names if n not in named]
+            if missing or any(named[n].shape != shape for n, shape in zip(self.param_names, self._shapes)):
+                raise ValueError(
+                    f"the model's parameters {missing or self.param_names} were removed or reshaped since this "
+                    "operator was built; build a new operator."
+                )
+            params = [named[n] for n in self.param_names]
+            if common_dtype_device(params, "the selected parameters") != (self.dtype, self.device):
+                raise ValueError("the model's parameters changed dtype or device; build a new operator.")
+            self._params, self._tracked = params, tracked
+            self.clear_cache()
+        modes = tuple(m.training for m in self._modules_list)
+        if modes != self._modes:
+            check_deterministic(self.model)
+            self._validate_first_batch()
+            self._modes = modes
+            self.clear_cache()
+
     def _versions(self) -> tuple[Any, ...]:
         return tuple(t._version for t in self._tracked)
 
@@ -268,13 +324,21 @@ class CurvatureOperator(LinearOperator):
             )
         if not isinstance(outputs, torch.Tensor):
             raise TypeError(f"the model must return a tensor, got {type(outputs).__name__}.")
+        if not outputs.is_floating_point():
+            raise TypeError(f"the model returned {outputs.dtype} outputs; curvature needs floating-point outputs.")
+        if outputs.ndim and outputs.shape[0] == 0:
+            raise ValueError("the first batch of data holds no samples.")
         check_targets(self._kind, self.loss_fn, outputs, targets)
+        if self.reduction == "mean" and self._kind != "other" and self._batch_weight(targets, inputs) == 0:
+            raise ValueError("every target of the first batch is ignored (ignore_index), so its mean loss is 0/0.")
         with torch.no_grad():
             loss = self.loss_fn(outputs, targets)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}.")
+        if loss.numel() != 1:
             raise ValueError(
-                f"loss_fn must return a scalar tensor, got {shape}; reduce the batch with 'mean' or 'sum'."
+                f"loss_fn must return a scalar tensor, got shape {tuple(loss.shape)}; reduce the batch with "
+                "'mean' or 'sum'."
             )
         check_finite(loss, "the loss on the first batch", "check the model's outputs and the data for NaN/Inf.")
         if self.reduction is None:
@@ -313,6 +377,8 @@ class CurvatureOperator(LinearOperator):
         self._cache = []
         with self._rng_preserved():
             for index, batch in enumerate(self._data):
+                if batch_size(batch[0]) == 0:  # an empty batch adds nothing
+                    continue
                 inputs, targets = self._prepare_batch(*batch)
                 entry = self._context(index, inputs, targets, self._leaves()), self._weight(targets, inputs)
                 self._cache.append(entry)
@@ -331,6 +397,8 @@ class CurvatureOperator(LinearOperator):
     def _fresh_batch_products(self, vs: list[torch.Tensor]) -> Iterable[tuple[list[torch.Tensor], float]]:
         single = vs[0].shape[0] == 1
         for index, batch in enumerate(self._data):
+            if batch_size(batch[0]) == 0:  # an empty batch adds nothing
+                continue
             inputs, targets = self._prepare_batch(*batch)
             leaves = self._leaves()
             columns = self._fresh_product(leaves, inputs, targets, index, vs) if single else None
@@ -340,6 +408,7 @@ class CurvatureOperator(LinearOperator):
 
     # -- the product ---------------------------------------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self._sync_with_model()
         k = V.shape[1]
         vs = [chunk.reshape(k, *shape) for chunk, shape in zip(V.T.split(self._sizes, dim=1), self._shapes)]
         total: torch.Tensor | None = None

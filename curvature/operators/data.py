@@ -34,10 +34,14 @@ def is_single_batch(data: Any) -> bool:
     Returns:
         Whether it is a single batch.
     """
-    return (
-        isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor)
-        and _is_inputs(data[0])
-    )
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        return False
+    inputs, targets = data
+    if isinstance(targets, torch.Tensor):
+        return _is_inputs(inputs)
+    # Structured targets (a tuple or dict of tensors, for a custom loss) with plain tensor or dict inputs;
+    # a pair of tuples is read as two batches, the more common meaning.
+    return isinstance(inputs, (torch.Tensor, dict)) and _is_inputs(targets)
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -51,7 +55,8 @@ def to_device(obj: Any, device: torch.device) -> Any:
         The same structure on ``device``.
     """
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
+        # Asynchronous only towards an accelerator: a device-to-host copy must finish before it is read.
+        return obj.to(device, non_blocking=device.type != "cpu")
     if isinstance(obj, dict):
         return {key: to_device(val, device) for key, val in obj.items()}
     if isinstance(obj, (tuple, list)):
@@ -128,6 +133,11 @@ class Data:
             raise TypeError(
                 "data is a Dataset of single samples; wrap it in a DataLoader, e.g. "
                 "torch.utils.data.DataLoader(dataset, batch_size=256)."
+            )
+        if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+            raise TypeError(
+                f"data is a {type(data).__name__} of {len(data)} tensors; pass one (inputs, targets) pair, with "
+                "several inputs packed as a tuple or dict, e.g. ((x1, x2), y), or a list of such pairs."
             )
         if isinstance(data, Iterator):
             raise TypeError(

@@ -29,7 +29,7 @@ import torch.autograd.forward_ad as fwAD
 
 from .._checks import check_generator
 from .._func import model_outputs, vjp_columns
-from .curvature import CurvatureOperator
+from .curvature import CurvatureOperator, require_graph
 from .data import batch_size
 from .losses import output_hessian, per_sample_losses, sampled_output_gradients
 
@@ -54,6 +54,7 @@ class _JacobianSandwich(CurvatureOperator):
 
     def _prepare(self, leaves: list[torch.Tensor], outputs: torch.Tensor, targets: Any, index: int) -> Any:
         z = self._output(outputs, targets)
+        require_graph(z, "the model's outputs" if z is outputs else "the per-sample losses")
         dummy = torch.zeros_like(z, requires_grad=True)
         jt = torch.autograd.grad(z, leaves, dummy, create_graph=True, allow_unused=True)
         return leaves, z, dummy, jt, self._output_matrix(outputs.detach(), targets, index)
@@ -199,10 +200,8 @@ class FisherOperator(GGNOperator):
             return super()._output_matrix(outputs, targets, index)
         generator = torch.Generator(device=self.device).manual_seed(self._seed + index)
         g = sampled_output_gradients(self._kind, self.loss_fn, outputs, targets, self.mc_samples, generator)
-        if self.reduction == "mean":
-            scale = 1.0 / (self.mc_samples * self._batch_weight(targets, None))
-        else:
-            scale = 1.0 / self.mc_samples
+        count = self._batch_weight(targets, None) if self.reduction == "mean" else 1.0
+        scale = 1.0 / (self.mc_samples * count) if count else 0.0  # a batch with every target ignored
         n = outputs.shape[0]
         gf = g.reshape(self.mc_samples, n, -1)
 
@@ -238,7 +237,7 @@ class EmpiricalFisherOperator(_JacobianSandwich):
         return per_sample_losses(self._kind, self.loss_fn, outputs, targets, self.reduction)
 
     def _output_matrix(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMatrix:
-        scale = 1.0 / outputs.shape[0] if self.reduction == "mean" else 1.0
+        scale = 1.0 / outputs.shape[0] if self.reduction == "mean" and outputs.shape[0] else 1.0
         return lambda U: scale * U
 
     def _batch_weight(self, targets: Any, inputs: Any) -> float:

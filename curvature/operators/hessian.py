@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .._func import vjp_columns
-from .curvature import CurvatureOperator
+from .curvature import CurvatureOperator, require_graph
 
 __all__ = ["HessianOperator"]
 
@@ -37,6 +37,7 @@ class HessianOperator(CurvatureOperator):
 
     def _prepare(self, leaves: list[torch.Tensor], outputs: torch.Tensor, targets: Any, index: int) -> Any:
         loss = self.loss_fn(outputs, targets)
+        require_graph(loss, "the loss")
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         return leaves, grads
 

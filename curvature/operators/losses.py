@@ -14,6 +14,7 @@ For ``torch.nn.MSELoss`` and ``torch.nn.CrossEntropyLoss`` a batch loss is
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Literal
 
 import torch
@@ -64,6 +65,8 @@ def resolve_reduction(loss_fn: Callable[..., torch.Tensor], reduction: str | Non
         ValueError: If the reduction is not ``"mean"`` or ``"sum"``, or contradicts ``loss_fn.reduction``.
     """
     attribute = getattr(loss_fn, "reduction", None)
+    if attribute == "batchmean":  # KLDivLoss: the sum divided by the batch size, a mean over samples
+        attribute = "mean"
     if reduction is None:
         reduction = attribute
     elif attribute is not None and attribute != reduction:
@@ -116,6 +119,10 @@ def check_targets(kind: Kind, loss_fn: Any, outputs: torch.Tensor, targets: Any)
                 f"{tuple(outputs.shape)}."
             )
         return
+    if targets.dtype != torch.long:
+        raise TypeError(
+            f"class-index targets must have dtype torch.int64, got {targets.dtype}; use targets.long()."
+        )
     expected = (outputs.shape[0], *outputs.shape[2:])
     if tuple(targets.shape) != expected:
         raise ValueError(
@@ -132,12 +139,22 @@ def check_targets(kind: Kind, loss_fn: Any, outputs: torch.Tensor, targets: Any)
 
 
 def _ce_position_weights(loss_fn: nn.CrossEntropyLoss, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per-position factor ``w_u`` of the cross-entropy Hessian, shape ``(N, d1, ...)``."""
+    r"""Per-position factor ``w_u`` of the cross-entropy Hessian, shape ``(N, d1, ...)``.
+
+    For the loss :math:`-\sum_c w_c q_c \log p_c` with target distribution :math:`q` (after label
+    smoothing) and class weights :math:`w` (ones by default) the Hessian in the logits is
+    :math:`(\sum_c w_c q_c)(\operatorname{diag} p - p p^\top)`. For class indices without weights that
+    factor is 1 (0 at ignored positions); for probability targets it is their (weighted) sum, which is
+    not 1 for unnormalized or masked (all-zero) targets.
+    """
     if targets.is_floating_point():
-        if loss_fn.weight is None:
-            return torch.ones(targets.shape[:1] + targets.shape[2:], dtype=dtype, device=targets.device)
-        shape = [1, -1] + [1] * (targets.ndim - 2)
-        return (targets * loss_fn.weight.view(shape)).sum(1).to(dtype)
+        smoothing = loss_fn.label_smoothing
+        q = targets.to(dtype)
+        if smoothing > 0:
+            q = q * (1 - smoothing) + smoothing / targets.shape[1]
+        if loss_fn.weight is not None:
+            q = q * loss_fn.weight.to(dtype).view([1, -1] + [1] * (targets.ndim - 2))
+        return q.sum(1)
     mask = targets != loss_fn.ignore_index
     if loss_fn.weight is None:
         return mask.to(dtype)
@@ -149,7 +166,10 @@ def mean_count(kind: Kind, loss_fn: Any, targets: Any, inputs: Any) -> float:
 
     MSE: the number of output entries (targets match the outputs' shape). CE: the number of non-ignored
     positions, or the sum of their class weights when ``weight=`` is set (as PyTorch defines it);
-    ``N * d1 * ...`` for probability targets. Any other loss: the batch size.
+    ``N * d1 * ...`` for probability targets. ``NLLLoss``: as CE. Any other loss: the batch size, which is
+    exact for losses that average over samples (or over a fixed number of entries per sample); a custom
+    loss that averages over a varying number of entries per batch (masked or padded targets) needs
+    ``reduction="sum"`` with the normalization done by the user, or a single batch.
 
     Args:
         kind: The loss kind.
@@ -168,6 +188,11 @@ def mean_count(kind: Kind, loss_fn: Any, targets: Any, inputs: Any) -> float:
         if targets.is_floating_point():
             return float(targets.numel() // targets.shape[1])
         return float(_ce_position_weights(loss_fn, targets, torch.float64).sum())
+    if isinstance(loss_fn, nn.NLLLoss) and isinstance(targets, torch.Tensor):  # same normalizer as CE
+        mask = targets != loss_fn.ignore_index
+        if loss_fn.weight is None:
+            return float(mask.sum())
+        return float((loss_fn.weight.double()[targets.clamp(min=0)] * mask).sum())
     return float(batch_size(inputs))
 
 
@@ -192,7 +217,7 @@ def output_hessian(
     """
     z = outputs.detach()
     if kind == "mse":
-        scale = 2.0 / (z.numel() if reduction == "mean" else 1.0)
+        scale = 2.0 / z.numel() if reduction == "mean" and z.numel() else 2.0
         return lambda U: scale * U
     if kind == "ce":
         weights = _ce_position_weights(loss_fn, targets, z.dtype)
@@ -211,7 +236,13 @@ def output_hessian(
     def autodiff_hessian(U: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             leaf = z.clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(loss_fn(leaf, targets), leaf, create_graph=True)
+            loss = loss_fn(leaf, targets)
+            if not loss.requires_grad:
+                raise ValueError(
+                    "the loss does not depend on the model's outputs (a .detach() or .item() inside loss_fn?); "
+                    "curvature needs it differentiable."
+                )
+            (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
             if not g.requires_grad:  # the loss is linear in the outputs
                 return torch.zeros_like(U)
             return torch.stack([torch.autograd.grad(g, leaf, u, retain_graph=True)[0] for u in U])
@@ -278,12 +309,13 @@ def per_sample_losses(
         entries = F.cross_entropy(
             outputs, targets, weight=loss_fn.weight, ignore_index=loss_fn.ignore_index, reduction="none",
             label_smoothing=loss_fn.label_smoothing,
-        ).reshape(outputs.shape[0], -1)
+        )
+        entries = entries.reshape(entries.shape[0], math.prod(entries.shape[1:]))
         if reduction == "sum":
             return entries.sum(1)
         if targets.is_floating_point():
             return entries.mean(1)
-        counts = _ce_position_weights(loss_fn, targets, outputs.dtype).reshape(outputs.shape[0], -1).sum(1)
+        counts = _ce_position_weights(loss_fn, targets, outputs.dtype).reshape(entries.shape).sum(1)
         return entries.sum(1) / counts.masked_fill(counts == 0, 1)  # a sample with every target ignored: 0
     return _generic_per_sample_losses(loss_fn, outputs, targets)
 
