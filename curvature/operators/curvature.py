@@ -126,6 +126,15 @@ def require_graph(t: torch.Tensor, what: str) -> None:
         )
 
 
+def _tensor_slots(model: nn.Module) -> list[tuple[dict[str, Any], str, torch.Tensor]]:
+    """Where each parameter and buffer is registered: checking these is a cheap replacement test."""
+    slots = []
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            slots.extend((store, key, t) for key, t in store.items() if t is not None)
+    return slots
+
+
 def _rng_state(device: torch.device) -> list[torch.Tensor]:
     states = [torch.get_rng_state()]
     if device.type == "cuda":
@@ -188,6 +197,7 @@ class CurvatureOperator(LinearOperator):
         # The tensors whose changes invalidate kept graphs; rebound by name if the model's parameter or
         # buffer objects are replaced (e.g. load_state_dict(assign=True)).
         self._tracked = [*model.parameters(), *model.buffers()]
+        self._slots = _tensor_slots(model)
         self._modules_list = list(model.modules())
         self._modes = tuple(m.training for m in self._modules_list)
         self.reduction = resolve_reduction(loss_fn, reduction)
@@ -259,8 +269,8 @@ class CurvatureOperator(LinearOperator):
             ValueError: If a selected parameter disappeared or changed shape, dtype or device, or the new
                 mode makes the curvature random or changes the model.
         """
-        tracked = [*self.model.parameters(), *self.model.buffers()]
-        if len(tracked) != len(self._tracked) or any(a is not b for a, b in zip(tracked, self._tracked)):
+        if any(store.get(key) is not tensor for store, key, tensor in self._slots):
+            tracked = [*self.model.parameters(), *self.model.buffers()]
             named = dict(self.model.named_parameters())
             missing = [n for n in self.param_names if n not in named]
             if missing or any(named[n].shape != shape for n, shape in zip(self.param_names, self._shapes)):
@@ -271,7 +281,7 @@ class CurvatureOperator(LinearOperator):
             params = [named[n] for n in self.param_names]
             if common_dtype_device(params, "the selected parameters") != (self.dtype, self.device):
                 raise ValueError("the model's parameters changed dtype or device; build a new operator.")
-            self._params, self._tracked = params, tracked
+            self._params, self._tracked, self._slots = params, tracked, _tensor_slots(self.model)
             self.clear_cache()
         modes = tuple(m.training for m in self._modules_list)
         if modes != self._modes:
