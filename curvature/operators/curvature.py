@@ -294,10 +294,11 @@ class CurvatureOperator(LinearOperator):
         return tuple(t._version for t in self._tracked)
 
     def _fingerprint(self) -> tuple[Any, ...]:
-        """Identity, version and content sum of every parameter and buffer.
+        """Version and content sum of every parameter and buffer: the key of the kept graphs.
 
         Versions catch in-place updates (optimizers, ``load_state_dict``); the sums also catch writes
-        through ``p.data``, which bypass version counters. One O(P) reduction per product.
+        through ``p.data``, which bypass version counters. One O(P) reduction per product. Replaced
+        tensor objects and mode switches are handled before, by :meth:`_sync_with_model`.
         """
         with torch.no_grad():
             sums = torch.stack([t.sum().to(self.dtype) for t in self._tracked if t.numel()])
