@@ -9,6 +9,7 @@ from cases import make_case
 from helpers import OPERATORS, assert_unchanged, operator_cases, reference, rel_err, snapshot
 
 import curvature.reference as curvature_reference
+from curvature import GGNOperator, HessianOperator
 
 PAIRS = pytest.mark.parametrize("kind, case_name", operator_cases())  # Fisher: likelihood losses only
 
@@ -93,8 +94,6 @@ def test_params_restriction_by_name_and_tensor(case: dict) -> None:
     index = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in chosen])
     block = reference("hessian", case["name"])[index][:, index]
     names = [trainable[i][0] for i in chosen]
-    from curvature import HessianOperator
-
     by_name = HessianOperator(model, case["loss_fn"], case["data"], params=names)
     by_tensor = HessianOperator(model, case["loss_fn"], case["data"], params=[trainable[i][1] for i in chosen[::-1]])
     assert by_name.param_names == by_tensor.param_names == names
@@ -107,8 +106,6 @@ def test_params_restriction_by_name_and_tensor(case: dict) -> None:
 def test_kept_graph_follows_parameter_updates() -> None:
     case = make_case("mlp_tanh_ce_mean")
     model = case["model"]
-    from curvature import HessianOperator
-
     H = HessianOperator(model, case["loss_fn"], case["data"])
     v = torch.randn(H.shape[0], dtype=torch.float64)
     H @ v
@@ -166,8 +163,6 @@ def test_kept_graph_follows_writes_through_data() -> None:
     """EMA-style code writes through p.data, which bypasses version counters."""
     case = make_case("mlp_tanh_ce_mean")
     model = case["model"]
-    from curvature import GGNOperator
-
     G = GGNOperator(model, case["loss_fn"], case["data"])
     v = torch.randn(G.shape[0], dtype=torch.float64)
     G @ v
@@ -239,16 +234,12 @@ def test_other_averaging_losses_weight_batches_exactly(loss_fn: torch.nn.Module)
         else torch.softmax(torch.randn(15, 3, dtype=torch.float64), 1)
     data = [(x[:6], y[:6]), (x[6:], y[6:])]
     ref = curvature_reference.hessian_matrix(model, loss_fn, data)
-    from curvature import HessianOperator
-
     assert rel_err(HessianOperator(model, loss_fn, data).to_dense(), ref) <= 1e-10
 
 
 def test_operator_follows_replaced_parameters() -> None:
     case = make_case("mlp_tanh_ce_mean")
     model = case["model"]
-    from curvature import GGNOperator, HessianOperator
-
     for keep_graph in (True, False):
         H = HessianOperator(model, case["loss_fn"], case["data"], keep_graph=keep_graph)
         v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -265,8 +256,6 @@ def test_operator_follows_replaced_parameters() -> None:
 def test_switching_to_train_mode_is_refused_at_the_product() -> None:
     case = make_case("batchnorm_eval_mse_mean")
     model = case["model"]
-    from curvature import HessianOperator
-
     for keep_graph in (True, False):
         model.eval()
         H = HessianOperator(model, case["loss_fn"], case["data"], keep_graph=keep_graph)
