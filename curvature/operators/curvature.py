@@ -194,9 +194,8 @@ class CurvatureOperator(LinearOperator):
         dtype, device = common_dtype_device(self._params, "the selected parameters")
         check_deterministic(model)
         self._data = Data(data)
-        # The tensors whose changes invalidate kept graphs; rebound by name if the model's parameter or
-        # buffer objects are replaced (e.g. load_state_dict(assign=True)).
-        self._tracked = [*model.parameters(), *model.buffers()]
+        # Where the model registers its parameters and buffers: the tensors whose changes invalidate kept
+        # graphs, rebound by name if the objects are replaced (e.g. load_state_dict(assign=True)).
         self._slots = _tensor_slots(model)
         self._modules_list = list(model.modules())
         self._modes = tuple(m.training for m in self._modules_list)
@@ -270,7 +269,6 @@ class CurvatureOperator(LinearOperator):
                 mode makes the curvature random or changes the model.
         """
         if any(store.get(key) is not tensor for store, key, tensor in self._slots):
-            tracked = [*self.model.parameters(), *self.model.buffers()]
             named = dict(self.model.named_parameters())
             missing = [n for n in self.param_names if n not in named]
             if missing or any(named[n].shape != shape for n, shape in zip(self.param_names, self._shapes)):
@@ -281,7 +279,7 @@ class CurvatureOperator(LinearOperator):
             params = [named[n] for n in self.param_names]
             if common_dtype_device(params, "the selected parameters") != (self.dtype, self.device):
                 raise ValueError("the model's parameters changed dtype or device; build a new operator.")
-            self._params, self._tracked, self._slots = params, tracked, _tensor_slots(self.model)
+            self._params, self._slots = params, _tensor_slots(self.model)
             self.clear_cache()
         modes = tuple(m.training for m in self._modules_list)
         if modes != self._modes:
@@ -291,7 +289,7 @@ class CurvatureOperator(LinearOperator):
             self.clear_cache()
 
     def _versions(self) -> tuple[Any, ...]:
-        return tuple(t._version for t in self._tracked)
+        return tuple(t._version for _, _, t in self._slots)
 
     def _fingerprint(self) -> tuple[Any, ...]:
         """Version and content sum of every parameter and buffer: the key of the kept graphs.
@@ -301,7 +299,7 @@ class CurvatureOperator(LinearOperator):
         tensor objects and mode switches are handled before, by :meth:`_sync_with_model`.
         """
         with torch.no_grad():
-            sums = torch.stack([t.sum().to(self.dtype) for t in self._tracked if t.numel()])
+            sums = torch.stack([t.sum().to(self.dtype) for _, _, t in self._slots if t.numel()])
         return self._versions(), tuple(sums.tolist())
 
     def _rng_preserved(self) -> Any:

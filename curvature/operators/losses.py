@@ -138,14 +138,17 @@ def check_targets(kind: Kind, loss_fn: Any, outputs: torch.Tensor, targets: Any)
         )
 
 
-def _ce_position_weights(loss_fn: nn.CrossEntropyLoss, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _ce_position_weights(
+    loss_fn: nn.CrossEntropyLoss | nn.NLLLoss, targets: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     r"""Per-position factor ``w_u`` of the cross-entropy Hessian, shape ``(N, d1, ...)``.
 
     For the loss :math:`-\sum_c w_c q_c \log p_c` with target distribution :math:`q` (after label
     smoothing) and class weights :math:`w` (ones by default) the Hessian in the logits is
     :math:`(\sum_c w_c q_c)(\operatorname{diag} p - p p^\top)`. For class indices without weights that
     factor is 1 (0 at ignored positions); for probability targets it is their (weighted) sum, which is
-    not 1 for unnormalized or masked (all-zero) targets.
+    not 1 for unnormalized or masked (all-zero) targets. ``NLLLoss`` (class indices only) shares the
+    index path, which is also its mean normalizer.
     """
     if targets.is_floating_point():
         smoothing = loss_fn.label_smoothing
@@ -188,11 +191,8 @@ def mean_count(kind: Kind, loss_fn: Any, targets: Any, inputs: Any) -> float:
         if targets.is_floating_point():
             return float(targets.numel() // targets.shape[1])
         return float(_ce_position_weights(loss_fn, targets, torch.float64).sum())
-    if isinstance(loss_fn, nn.NLLLoss) and isinstance(targets, torch.Tensor):  # same normalizer as CE
-        mask = targets != loss_fn.ignore_index
-        if loss_fn.weight is None:
-            return float(mask.sum())
-        return float((loss_fn.weight.double()[targets.clamp(min=0)] * mask).sum())
+    if isinstance(loss_fn, nn.NLLLoss) and isinstance(targets, torch.Tensor):  # class indices, as for CE
+        return float(_ce_position_weights(loss_fn, targets, torch.float64).sum())
     return float(batch_size(inputs))
 
 
