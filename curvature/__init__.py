@@ -3,8 +3,22 @@
 The public names are re-exported here; nothing is defined in this file.
 """
 
-from . import reference
+from . import reference, sampling
 from ._func import ggn_vp, hvp
+from .linalg import (
+    EigenResult,
+    Estimate,
+    LanczosResult,
+    SolveResult,
+    SpectralDensity,
+    diagonal,
+    eigenvalues,
+    frobenius_norm,
+    lanczos,
+    solve,
+    spectral_density,
+    trace,
+)
 from .operators import (
     CurvatureOperator,
     EmpiricalFisherOperator,
@@ -15,20 +29,37 @@ from .operators import (
     LinearOperator,
     identity_like,
 )
+from .sharpness import METRICS, SharpnessReport, sharpness
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METRICS",
     "CurvatureOperator",
+    "EigenResult",
     "EmpiricalFisherOperator",
+    "Estimate",
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
     "IdentityOperator",
+    "LanczosResult",
     "LinearOperator",
-    "__version__",
+    "SharpnessReport",
+    "SolveResult",
+    "SpectralDensity",
+    "diagonal",
+    "eigenvalues",
+    "frobenius_norm",
     "ggn_vp",
     "hvp",
     "identity_like",
+    "lanczos",
     "reference",
+    "sampling",
+    "sharpness",
+    "solve",
+    "spectral_density",
+    "trace",
+    "__version__",
 ]

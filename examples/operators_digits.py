@@ -16,26 +16,12 @@ import time
 
 import numpy as np
 import torch
+from _digits import load_data  # examples/_digits.py: the script's own directory is on sys.path
 from scipy.sparse.linalg import eigsh
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvature
 from curvature.reference import hessian_matrix
-
-
-def load_data() -> tuple[torch.Tensor, ...]:
-    """Digits split 75/25, standardized with the training statistics, as float64 tensors."""
-    X, y = load_digits(return_X_y=True)
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
-    mean, std = X_train.mean(0), X_train.std(0)
-    std[std == 0] = 1.0  # a few border pixels are always 0
-
-    def prep(a: np.ndarray) -> torch.Tensor:
-        return torch.tensor((a - mean) / std, dtype=torch.float64)
-
-    return prep(X_train), prep(X_test), torch.tensor(y_train), torch.tensor(y_test)
 
 
 def top_eigenvalue(op: curvature.LinearOperator) -> float:

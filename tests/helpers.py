@@ -36,6 +36,31 @@ def operator_cases() -> list[tuple[str, str]]:
     return [(k, c) for k in sorted(OPERATORS) for c in sorted(FACTORIES) if k != "fisher" or likelihood[c]]
 
 
+def seeded(seed: int) -> torch.Generator:
+    """A CPU generator with a fixed seed: the only source of randomness the estimators are given."""
+    return torch.Generator().manual_seed(seed)
+
+
+def build(kind: str, case_name: str, dtype: torch.dtype = torch.float64) -> Any:
+    """Operator ``kind`` on a fresh copy of registry case ``case_name``."""
+    from cases import make_case
+
+    case = make_case(case_name, dtype)
+    return OPERATORS[kind][0](case["model"], case["loss_fn"], case["data"])
+
+
+def watched(kind: str, case_name: str = "batchnorm_eval_mse_mean") -> tuple[nn.Module, Any, dict[str, Any]]:
+    """A case's model with pending ``.grad`` everywhere, its operator ``kind``, and a snapshot of the model."""
+    from cases import make_case
+
+    case = make_case(case_name, torch.float64)
+    model = case["model"]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = snapshot(model)
+    return model, OPERATORS[kind][0](model, case["loss_fn"], case["data"]), before
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative Frobenius error of ``a`` against the reference ``b``."""
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))

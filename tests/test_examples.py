@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,18 @@ def test_operators_digits_example() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "model unchanged after all of the above: parameters True, .grad True, train mode True, global RNG True" \
         in result.stdout
+
+
+@pytest.mark.slow
+def test_sharpness_example(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "sharpness.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Sharpness report: hessian, P = 2410" in result.stdout
+    assert (tmp_path / "density.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "report.json").read_text())["num_params"] == 2410
 
 
 def test_api_reference_is_current() -> None:

@@ -1,0 +1,67 @@
+"""Matplotlib figures; imported lazily so that matplotlib stays an optional extra (``pip install curvature[plot]``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["plot_density"]
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "plotting needs matplotlib: pip install matplotlib (or the extra: pip install 'curvature[plot]')."
+        ) from error
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_density(
+    grid: torch.Tensor,
+    density: torch.Tensor,
+    nodes: torch.Tensor,
+    path: str | Path,
+    log_scale: bool = True,
+    title: str | None = None,
+) -> Path:
+    """Plot a broadened spectral density with its quadrature nodes as ticks, and save it.
+
+    Args:
+        grid: Evaluation points.
+        density: The density on ``grid``.
+        nodes: The quadrature nodes, drawn as a rug.
+        path: The output file; its suffix picks the format (``.png``).
+        log_scale: Use a log density axis.
+        title: The figure title.
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    try:
+        values = density.numpy()
+        if log_scale:
+            floor = max(float(density.max()) * 1e-12, 1e-300)
+            ax.semilogy(grid.numpy(), values.clip(min=floor))
+        else:
+            ax.plot(grid.numpy(), values)
+        ax.plot(nodes.numpy(), [0.0] * nodes.numel() if not log_scale else [floor] * nodes.numel(), "|",
+                color="black", markersize=8, alpha=0.5)
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density")
+        ax.set_title(title or "spectral density (stochastic Lanczos quadrature)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,262 @@
+"""One call from a model to a sharpness report: λ_max, top-k eigenvalues, trace, Frobenius norm, density."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ._checks import check_scalar
+from .linalg.density import SpectralDensity, spectral_density
+from .linalg.eigen import eigenvalues
+from .linalg.trace import TRACE_METHODS, Estimate, frobenius_norm, trace
+from .operators.base import LinearOperator
+from .operators.ggn import EmpiricalFisherOperator, FisherOperator, GGNOperator
+from .operators.hessian import HessianOperator
+from .sampling import resolve_generator
+
+__all__ = ["METRICS", "SharpnessReport", "sharpness"]
+
+METRICS = ("lambda_max", "top_k", "lambda_min", "trace", "frobenius_norm", "density")
+OPERATORS: dict[str, Callable[..., LinearOperator]] = {
+    "hessian": HessianOperator,
+    "ggn": GGNOperator,
+    "fisher": FisherOperator,
+    "empirical_fisher": EmpiricalFisherOperator,
+}
+
+
+@dataclass(frozen=True)
+class SharpnessReport:
+    """The result of :func:`sharpness`.
+
+    Attributes:
+        operator: Which curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
+        num_params: The number of parameters ``P`` the curvature is taken over.
+        lambda_max: The largest eigenvalue, or None when not asked for.
+        top_k: The ``k`` largest eigenvalues (descending, float64), or None.
+        lambda_min: The smallest eigenvalue (negative for a saddle), or None.
+        trace: The trace estimate with its standard error, or None.
+        frobenius_norm: The Frobenius-norm estimate with its standard error, or None.
+        density: The SLQ spectral density, or None.
+        residuals: Residual norms of the eigenpairs, keyed ``"top_k"`` / ``"lambda_min"``.
+        num_matvecs: Products spent per metric (``"total"`` too).
+        seconds: Wall time per metric (``"total"`` too).
+    """
+
+    operator: str
+    num_params: int
+    lambda_max: float | None = None
+    top_k: torch.Tensor | None = None
+    lambda_min: float | None = None
+    trace: Estimate | None = None
+    frobenius_norm: Estimate | None = None
+    density: SpectralDensity | None = None
+    residuals: dict[str, list[float]] = field(default_factory=dict)
+    num_matvecs: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the report as plain Python values (JSON-serializable; the density as nodes and weights)."""
+        out: dict[str, Any] = {"operator": self.operator, "num_params": self.num_params}
+        if self.lambda_max is not None:
+            out["lambda_max"] = self.lambda_max
+        if self.top_k is not None:
+            out["top_k"] = self.top_k.tolist()
+        if self.lambda_min is not None:
+            out["lambda_min"] = self.lambda_min
+        for name in ("trace", "frobenius_norm"):
+            est = getattr(self, name)
+            if est is not None:
+                out[name] = {"value": est.value, "std_error": est.std_error, "num_matvecs": est.num_matvecs}
+        if self.density is not None:
+            out["density"] = {
+                "nodes": self.density.nodes.tolist(),
+                "weights": self.density.weights.tolist(),
+                "probe": self.density.probe.tolist(),
+                "num_probes": self.density.num_probes,
+            }
+        out["residuals"] = dict(self.residuals)
+        out["num_matvecs"] = dict(self.num_matvecs)
+        out["seconds"] = dict(self.seconds)
+        return out
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Return the report as JSON text, and write it to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text + "\n")
+        return text
+
+    def __str__(self) -> str:
+        rows: list[tuple[str, str, str, str]] = []
+
+        def cost(name: str) -> tuple[str, str]:
+            return str(self.num_matvecs.get(name, "")), f"{self.seconds.get(name, math.nan):.2f}"
+
+        if self.lambda_max is not None:
+            rows.append(("lambda_max", f"{self.lambda_max:.6g}", *cost("eigenvalues")))
+        if self.top_k is not None:
+            values = ", ".join(f"{v:.4g}" for v in self.top_k.tolist())
+            rows.append((f"top_{self.top_k.numel()}", values, *cost("eigenvalues")))
+        if self.lambda_min is not None:
+            rows.append(("lambda_min", f"{self.lambda_min:.6g}", *cost("lambda_min")))
+        for name in ("trace", "frobenius_norm"):
+            est = getattr(self, name)
+            if est is not None:
+                rows.append((name, f"{est.value:.6g} ± {est.std_error:.2g}", *cost(name)))
+        if self.density is not None:
+            d = self.density
+            rows.append(("density", f"{d.num_probes} probes, {d.nodes.numel()} nodes in "
+                         f"[{float(d.nodes.min()):.4g}, {float(d.nodes.max()):.4g}]", *cost("density")))
+        rows.append(("total", "", *cost("total")))
+        header = ("metric", "value", "products", "seconds")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+        lines = [f"Sharpness report: {self.operator}, P = {self.num_params}"]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        return "\n".join(lines)
+
+
+class _Progress(LinearOperator):
+    """Forward products to ``op`` and advance a progress bar by the number of columns."""
+
+    def __init__(self, op: LinearOperator, bar: Any) -> None:
+        super().__init__(op.shape[0], op.dtype, op.device, is_symmetric=op.is_symmetric, is_psd=op.is_psd)
+        self.op, self.bar = op, bar
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        out = self.op.matmat(V)
+        self.bar.update(V.shape[1])
+        return out
+
+
+def sharpness(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    data: Any,
+    metrics: Iterable[str] = ("lambda_max", "trace"),
+    *,
+    operator: str = "hessian",
+    params: Any = None,
+    k: int = 5,
+    tol: float = 1e-3,
+    num_matvecs: int = 100,
+    trace_method: str = "hutchinson",
+    density_probes: int = 1,
+    density_steps: int = 100,
+    generator: torch.Generator | None = None,
+    quiet: bool = False,
+    **operator_kwargs: Any,
+) -> SharpnessReport:
+    """Measure how sharp a model's loss is: build the curvature operator and run the estimators on it.
+
+    Metrics (any subset, in any order):
+
+    - ``"lambda_max"``: the largest eigenvalue, by Lanczos with relative residual ``tol``
+      (:func:`curvature.eigenvalues`);
+    - ``"top_k"``: the ``k`` largest eigenvalues (shares the Lanczos run with ``"lambda_max"``);
+    - ``"lambda_min"``: the smallest eigenvalue (negative at a saddle);
+    - ``"trace"``: :func:`curvature.trace` with ``trace_method`` and ``num_matvecs`` products;
+    - ``"frobenius_norm"``: :func:`curvature.frobenius_norm` with ``num_matvecs`` products;
+    - ``"density"``: :func:`curvature.spectral_density` with ``density_probes`` probes of ``density_steps``
+      Lanczos steps.
+
+    The model, its ``.grad``, buffers, train/eval mode and the global RNG are left as they were. A progress
+    bar (tqdm) counts products when the work takes longer than two seconds.
+
+    Args:
+        model: The model, in eval mode if it has dropout or batch norm.
+        loss_fn: The loss, e.g. ``nn.CrossEntropyLoss()``.
+        data: One ``(inputs, targets)`` batch or an iterable of them (a DataLoader).
+        metrics: The metrics to compute.
+        operator: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
+        params: Restrict to some parameters (names or tensors); None takes all trainable ones.
+        k: The number of top eigenvalues for ``"top_k"``.
+        tol: Relative residual tolerance of the eigenvalues.
+        num_matvecs: Products for the trace and Frobenius estimates.
+        trace_method: ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` or ``"exact"``.
+        density_probes: Probes of the spectral density.
+        density_steps: Lanczos steps per density probe.
+        generator: The source of every random draw (probes, start vectors, and the sampled labels of a
+            Monte-Carlo Fisher); None: a copy of torch's global generator, which is left untouched.
+        quiet: Hide the progress bar.
+        **operator_kwargs: Passed to the operator (``mc_samples=`` for the Fisher, ``reduction=``, ...).
+
+    Returns:
+        A :class:`SharpnessReport`; ``print(report)`` shows a table, ``report.to_dict()`` the values.
+
+    Raises:
+        ValueError: On an unknown metric, operator or trace method.
+
+    Example:
+        >>> model = nn.Linear(3, 2).double()
+        >>> data = (torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))
+        >>> report = sharpness(model, nn.CrossEntropyLoss(), data, metrics=("lambda_max",), quiet=True)
+        >>> report.lambda_max > 0
+        True
+    """
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"metrics must be a non-empty selection of {METRICS}, got {metrics!r}.")
+    if operator not in OPERATORS:
+        raise ValueError(f"operator must be one of {tuple(OPERATORS)}, got {operator!r}.")
+    if trace_method not in TRACE_METHODS:
+        raise ValueError(f"trace_method must be one of {TRACE_METHODS}, got {trace_method!r}.")
+    check_scalar(tol, "tol")
+    generator = resolve_generator(generator)
+    if operator == "fisher" and operator_kwargs.get("mc_samples") is not None:
+        operator_kwargs = {"generator": generator, **operator_kwargs}  # the Monte-Carlo labels too
+    op = OPERATORS[operator](model, loss_fn, data, params=params, **operator_kwargs)
+
+    from tqdm.auto import tqdm
+
+    values: dict[str, Any] = {}
+    residuals: dict[str, list[float]] = {}
+    num_products: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    stages = []
+    if "lambda_max" in metrics or "top_k" in metrics:
+        stages.append("eigenvalues")
+    stages += [m for m in ("lambda_min", "trace", "frobenius_norm", "density") if m in metrics]
+    start_all = time.perf_counter()
+    with tqdm(desc="sharpness", unit="product", delay=2.0, disable=quiet, leave=False) as bar:
+        tracked = _Progress(op, bar)
+        for stage in stages:
+            bar.set_postfix_str(stage, refresh=False)
+            before, start = tracked.num_matvecs, time.perf_counter()
+            if stage == "eigenvalues":
+                count = k if "top_k" in metrics else 1
+                result = eigenvalues(tracked, k=count, which="largest", tol=tol, generator=generator)
+                values["lambda_max"] = float(result.values[0]) if "lambda_max" in metrics else None
+                values["top_k"] = result.values if "top_k" in metrics else None
+                residuals["top_k" if "top_k" in metrics else "lambda_max"] = result.residuals.tolist()
+            elif stage == "lambda_min":
+                result = eigenvalues(tracked, k=1, which="smallest", tol=tol, generator=generator)
+                values["lambda_min"] = float(result.values[0])
+                residuals["lambda_min"] = result.residuals.tolist()
+            elif stage == "trace":
+                values["trace"] = trace(tracked, method=trace_method, num_matvecs=num_matvecs, generator=generator)
+            elif stage == "frobenius_norm":
+                values["frobenius_norm"] = frobenius_norm(tracked, num_matvecs=num_matvecs, generator=generator)
+            else:
+                values["density"] = spectral_density(
+                    tracked, num_probes=density_probes, num_steps=density_steps, generator=generator
+                )
+            num_products[stage] = tracked.num_matvecs - before
+            seconds[stage] = time.perf_counter() - start
+    num_products["total"] = tracked.num_matvecs
+    seconds["total"] = time.perf_counter() - start_all
+    return SharpnessReport(
+        operator=operator, num_params=op.shape[0], residuals=residuals, num_matvecs=num_products,
+        seconds=seconds, **{name: value for name, value in values.items() if value is not None},
+    )

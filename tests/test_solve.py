@@ -1,0 +1,323 @@
+"""CG and MINRES solves: registry cases against dense float64 solves, dense edge cases, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from cases import make_case
+from helpers import assert_unchanged, reference, rel_err, snapshot
+
+from curvature import GGNOperator, HessianOperator
+from curvature.linalg.solve import SolveResult, solve
+from curvature.operators.base import LinearOperator
+
+F64 = torch.float64
+DAMPING = 1e-2
+
+
+class Dense(LinearOperator):
+    """A dense matrix as an operator (test double) with explicit structure flags."""
+
+    def __init__(self, A: torch.Tensor, *, symmetric: bool = True, psd: bool = False) -> None:
+        super().__init__(A.shape[0], A.dtype, A.device, is_symmetric=symmetric, is_psd=psd)
+        self.A = A
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.A @ V
+
+
+def rhs(size: int, dtype: torch.dtype = F64, seed: int = 1) -> torch.Tensor:
+    return torch.randn(size, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def symmetric(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Q diag(eigenvalues) Qᵀ for a random orthogonal Q, made exactly symmetric."""
+    n = eigenvalues.numel()
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=torch.Generator().manual_seed(seed)))
+    A = Q @ torch.diag(eigenvalues.to(F64)) @ Q.T
+    return (A + A.T) / 2
+
+
+def true_rel_residual(A: torch.Tensor, x: torch.Tensor, b: torch.Tensor) -> float:
+    return float((b.double() - A.double() @ x.double()).norm() / b.double().norm())
+
+
+# -- registry cases against torch.linalg.solve on the dense float64 reference -----------------------------
+#
+# For any x, ‖x − x*‖/‖x*‖ ≤ κ(A) ‖b − A x‖/‖b‖. The solvers stop at a recurrence residual ≤ tol = 1e-12;
+# the true residual of the dense reference then differs from it only by rounding (a few ε‖A‖‖x‖, at most
+# about ε κ ≈ 2e-12 for the worst case here, κ ≈ 7e3), so it stays below 10 tol, and the error below
+# 10 κ tol ≤ 7e-8 (about 1e-9 for the typical κ ≈ 100). The reference solve itself is off by about ε κ.
+
+TOL = 1e-12
+
+
+def test_cg_on_damped_ggn_matches_dense_solve(case: dict) -> None:
+    G_ref = reference("ggn", case["name"])
+    A_ref = G_ref + DAMPING * torch.eye(G_ref.shape[0], dtype=F64)
+    evals = torch.linalg.eigvalsh(A_ref)
+    # A GGN is PSD, so the damped one is positive definite; the generic (log-cosh) loss is convex too, but
+    # the operator cannot know it (is_psd False), so the dense spectrum vouches for assume_psd there.
+    assert float(evals.min()) > 0.5 * DAMPING
+    cond = float(evals.max() / evals.min())
+    before = snapshot(case["model"])
+    G = GGNOperator(case["model"], case["loss_fn"], case["data"])
+    op = G.damped(DAMPING)
+    b = rhs(A_ref.shape[0])
+    result = solve(op, b, tol=TOL, assume_psd=not op.is_psd)
+    assert result.converged and not result.negative_curvature
+    assert result.num_matvecs == result.iterations == G.num_matvecs == op.num_matvecs
+    assert result.residual_norm <= TOL * float(b.norm())
+    assert true_rel_residual(A_ref, result.x, b) <= 10 * TOL
+    assert rel_err(result.x, torch.linalg.solve(A_ref, b)) <= 10 * cond * TOL
+    assert_unchanged(case["model"], before)
+
+
+def test_minres_on_shifted_hessian_matches_dense_solve(case: dict) -> None:
+    H_ref = reference("hessian", case["name"])
+    A_ref = H_ref + DAMPING * torch.eye(H_ref.shape[0], dtype=F64)
+    evals = torch.linalg.eigvalsh(A_ref)
+    # Every case's Hessian is indefinite, so H + 0.01 I is too; the shift keeps it nonsingular with
+    # min |λ| ≥ 3e-4 and κ ≤ 7e3 across the registry (checked here, so a new case cannot slip through).
+    assert float(evals.min()) < 0 < float(evals.max())
+    cond = float(evals.abs().max() / evals.abs().min())
+    assert cond < 1e4
+    before = snapshot(case["model"])
+    H = HessianOperator(case["model"], case["loss_fn"], case["data"])
+    op = H.damped(DAMPING)
+    b = rhs(A_ref.shape[0])
+    result = solve(op, b, method="minres", tol=TOL)
+    assert result.converged and not result.negative_curvature
+    assert result.num_matvecs == result.iterations == H.num_matvecs == op.num_matvecs
+    assert result.residual_norm <= TOL * float(b.norm())
+    assert true_rel_residual(A_ref, result.x, b) <= 10 * TOL
+    assert rel_err(result.x, torch.linalg.solve(A_ref, b)) <= 10 * cond * TOL
+    assert_unchanged(case["model"], before)
+
+
+def test_float32_cg_on_damped_ggn() -> None:
+    # The float32 case has the float64 case's parameters and data exactly (both drawn in float32), so the
+    # float64 reference is the exact operator. The float32 products are off by about ε₃₂‖A‖ (ε₃₂ ≈ 1.2e-7),
+    # which moves the solution by about κ ε₃₂, and the solve stops at a residual of tol = 1e-6: with
+    # κ ≈ 60 the error is about κ (tol + ε₃₂) ≈ 7e-5; 2 κ (tol + 10 ε₃₂) ≈ 2.6e-4 leaves room for rounding.
+    name = "mlp_tanh_ce_mean"
+    G_ref = reference("ggn", name)
+    A_ref = G_ref + DAMPING * torch.eye(G_ref.shape[0], dtype=F64)
+    evals = torch.linalg.eigvalsh(A_ref)
+    cond = float(evals.max() / evals.min())
+    case = make_case(name, torch.float32)
+    G = GGNOperator(case["model"], case["loss_fn"], case["data"])
+    b = rhs(A_ref.shape[0], torch.float32)
+    result = solve(G.damped(DAMPING), b, tol=1e-6)
+    assert result.converged and result.x.dtype == torch.float32
+    eps32 = torch.finfo(torch.float32).eps
+    err = rel_err(result.x, torch.linalg.solve(A_ref, b.double()))
+    assert err <= 2 * cond * (1e-6 + 10 * eps32)
+    assert true_rel_residual(A_ref, result.x, b) <= 1e-6 + 100 * eps32
+
+
+# -- dense tensors ------------------------------------------------------------------------------------------
+
+
+def test_dense_spd_cg_and_minres_agree_with_dense_solve() -> None:
+    A = symmetric(torch.logspace(0, 2, 20))
+    b = rhs(20)
+    x_ref = torch.linalg.solve(A, b)
+    cg = solve(A, b, tol=1e-12, assume_psd=True)
+    mr = solve(A, b, method="minres", tol=1e-12)
+    for result in (cg, mr):
+        assert isinstance(result, SolveResult)
+        assert result.converged and result.num_matvecs == result.iterations <= 200
+        assert rel_err(result.x, x_ref) <= 10 * 100 * 1e-12  # κ = 100
+    assert not cg.negative_curvature and not mr.negative_curvature
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cg.x = b  # type: ignore[misc]
+
+
+def test_dense_indefinite_minres() -> None:
+    eigenvalues = torch.cat([-torch.logspace(0, 1, 10), torch.logspace(-1, 1, 15)])
+    A = symmetric(eigenvalues, seed=3)
+    b = rhs(25)
+    result = solve(A, b, method="minres", tol=1e-10)
+    assert result.converged
+    assert true_rel_residual(A, result.x, b) <= 1e-9
+    assert rel_err(result.x, torch.linalg.solve(A, b)) <= 10 * 100 * 1e-10  # κ = 100
+    # The recurrence tracks the true residual to rounding.
+    assert abs(result.residual_norm - float((b - A @ result.x).norm())) <= 1e-12 * float(b.norm())
+
+
+def test_minres_singular_consistent_system() -> None:
+    eigenvalues = torch.cat([torch.zeros(5), torch.linspace(-3, -0.5, 10), torch.linspace(0.5, 4, 15)])
+    A = symmetric(eigenvalues, seed=4)
+    b = A @ rhs(30, seed=2)  # in the range of A: consistent
+    result = solve(A, b, method="minres", tol=1e-12)
+    assert torch.isfinite(result.x).all()
+    assert result.converged and true_rel_residual(A, result.x, b) <= 1e-11
+    # From x0 = 0 the Krylov space lies in range(A), so MINRES finds the minimum-norm solution.
+    assert rel_err(result.x, torch.linalg.pinv(A) @ b) <= 1e-10
+
+
+def test_minres_zero_curvature_directions_give_no_nan() -> None:
+    # A zero eigenvalue (exactly: a diagonal keeps it exact) with b orthogonal to its eigenvector.
+    A = torch.diag(torch.tensor([1.0, 0.0, 2.0, -3.0], dtype=F64))
+    b = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=F64)
+    result = solve(A, b, method="minres", tol=1e-14)
+    assert result.converged and result.iterations == 3  # three distinct eigenvalues: Lanczos breaks down
+    assert torch.allclose(result.x, torch.tensor([1.0, 0.0, 0.5, -1 / 3], dtype=F64), rtol=0, atol=1e-14)
+    # Zero curvature along the first Lanczos vector (α₁ = vᵀAv = 0) on a nonsingular indefinite matrix.
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64)
+    result = solve(swap, torch.tensor([1.0, 0.0], dtype=F64), method="minres", tol=1e-14)
+    assert result.converged and torch.equal(result.x, torch.tensor([0.0, 1.0], dtype=F64))
+    # An inconsistent singular system: MINRES returns a least-squares solution, not NaN, and says so.
+    result = solve(torch.diag(torch.tensor([1.0, 0.0], dtype=F64)), torch.ones(2, dtype=F64), method="minres")
+    assert torch.isfinite(result.x).all() and not result.converged
+    assert result.x[0] == pytest.approx(1.0) and result.residual_norm == pytest.approx(1.0)
+    # b in the null space: A b = 0 at the first product; nothing to gain, x stays 0.
+    result = solve(torch.diag(torch.tensor([1.0, 0.0], dtype=F64)), torch.tensor([0.0, 1.0], dtype=F64),
+                   method="minres")
+    assert torch.equal(result.x, torch.zeros(2, dtype=F64)) and not result.converged
+    assert result.iterations == 1 and result.residual_norm == 1.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_minres_stops_on_lanczos_breakdown(seed: int) -> None:
+    # Three distinct eigenvalues, exactly (a diagonal: Q diag Qᵀ in floating point would split them by
+    # rounding): the Krylov space is invariant after three steps, and MINRES stops there with the exact
+    # solution although tol asks for more than rounding allows.
+    A = torch.diag(torch.tensor([1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, -5.0, -5.0, -5.0], dtype=F64))
+    b = rhs(10, seed=seed)
+    result = solve(A, b, method="minres", tol=1e-30)
+    assert result.iterations == 3 and result.num_matvecs == 3
+    assert result.residual_norm <= 1e-14 * float(b.norm())
+    assert rel_err(result.x, torch.linalg.solve(A, b)) <= 1e-14
+
+
+@pytest.mark.parametrize("method", ["cg", "minres"])
+def test_zero_rhs_costs_nothing(method: str) -> None:
+    A = symmetric(torch.logspace(0, 1, 6))
+    for x0 in (None, rhs(6)):
+        result = solve(A, torch.zeros(6, dtype=F64), method=method, x0=x0, assume_psd=True)
+        assert result.converged and result.num_matvecs == 0 and result.iterations == 0
+        assert torch.equal(result.x, torch.zeros(6, dtype=F64)) and result.residual_norm == 0.0
+
+
+@pytest.mark.parametrize("method", ["cg", "minres"])
+def test_warm_start_reduces_iterations(method: str) -> None:
+    A = symmetric(torch.logspace(0, 3, 40), seed=6)
+    b = rhs(40)
+    x_star = torch.linalg.solve(A, b)
+    cold = solve(A, b, method=method, tol=1e-8, assume_psd=True)
+    warm = solve(A, b, method=method, tol=1e-8, assume_psd=True, x0=x_star + 1e-6 * rhs(40, seed=9))
+    assert cold.converged and warm.converged
+    assert warm.iterations < cold.iterations
+    assert warm.num_matvecs == warm.iterations + 1  # one product for b − A x0
+    assert rel_err(warm.x, x_star) <= 1e3 * 1e-8 * 10  # κ = 1e3
+    exact = solve(A, b, method=method, tol=1e-8, assume_psd=True, x0=x_star)
+    assert exact.iterations == 0 and exact.num_matvecs == 1 and exact.converged
+
+
+@pytest.mark.parametrize("method", ["cg", "minres"])
+def test_max_iter_caps_iterations(method: str) -> None:
+    A = symmetric(torch.logspace(0, 3, 40), seed=6)
+    result = solve(A, rhs(40), method=method, tol=1e-12, max_iter=5, assume_psd=True)
+    assert not result.converged and result.iterations == result.num_matvecs == 5
+    assert torch.isfinite(result.x).all()
+
+
+def test_rhs_with_graph_is_detached() -> None:
+    A = symmetric(torch.logspace(0, 1, 5))
+    b = rhs(5).requires_grad_(True)
+    assert not solve(A, b * 2, assume_psd=True).x.requires_grad
+
+
+# -- negative curvature -------------------------------------------------------------------------------------
+
+
+def test_cg_detects_negative_curvature() -> None:
+    A = torch.diag(torch.tensor([1.0, 2.0, -1.0, 3.0], dtype=F64))
+    b = torch.ones(4, dtype=F64)
+    result = solve(A, b, tol=1e-12, assume_psd=True)
+    assert result.negative_curvature and not result.converged
+    # The first direction b has bᵀAb = 5 > 0: one step x = (bᵀb / bᵀAb) b = 0.8 b; the second has pᵀAp ≤ 0
+    # and the iterate is returned without moving along it.
+    assert result.iterations == result.num_matvecs == 2
+    assert torch.allclose(result.x, 0.8 * b, rtol=0, atol=1e-15)
+    one_step = solve(A, b, tol=1e-12, assume_psd=True, max_iter=1)
+    assert torch.equal(result.x, one_step.x) and not one_step.negative_curvature
+    assert result.residual_norm == pytest.approx(float((b - A @ result.x).norm()), rel=1e-12)
+
+
+def test_cg_negative_curvature_at_first_step_returns_start() -> None:
+    A = torch.diag(torch.tensor([1.0, -5.0], dtype=F64))
+    b = torch.ones(2, dtype=F64)
+    result = solve(A, b, assume_psd=True)
+    assert result.negative_curvature and result.iterations == result.num_matvecs == 1
+    assert torch.equal(result.x, torch.zeros(2, dtype=F64))
+    x0 = torch.tensor([0.5, 0.0], dtype=F64)  # r0 = (0.5, 1), r0ᵀ A r0 = 0.25 − 5 < 0
+    result = solve(A, b, assume_psd=True, x0=x0)
+    assert result.negative_curvature and result.num_matvecs == 2 and torch.equal(result.x, x0)
+    assert not solve(A, b, method="minres").negative_curvature
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+
+
+def test_cg_refuses_operator_not_known_psd() -> None:
+    case = make_case("mlp_tanh_ce_mean")
+    H = HessianOperator(case["model"], case["loss_fn"], case["data"])
+    b = rhs(H.shape[0])
+    with pytest.raises(ValueError, match="assume_psd=True"):
+        solve(H.damped(DAMPING), b)
+    with pytest.raises(ValueError, match="minres"):
+        solve(H, b, method="cg")
+    assert H.num_matvecs == 0  # refused before any product
+    with pytest.raises(ValueError, match="assume_psd=True"):
+        solve(torch.eye(3, dtype=F64), rhs(3))  # a dense tensor carries no is_psd flag
+    assert solve(torch.eye(3, dtype=F64), rhs(3), assume_psd=True).converged
+
+
+def test_argument_errors() -> None:
+    A = symmetric(torch.logspace(0, 1, 4))
+    b = rhs(4)
+    with pytest.raises(ValueError, match="shape"):
+        solve(A, rhs(5), assume_psd=True)
+    with pytest.raises(ValueError, match="shape"):
+        solve(A, b[:, None], assume_psd=True)
+    with pytest.raises(TypeError, match="dtype"):
+        solve(A, b.float(), assume_psd=True)
+    with pytest.raises(ValueError, match="meta"):
+        solve(A, torch.zeros(4, dtype=F64, device="meta"), assume_psd=True)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        solve(A, b.tolist(), assume_psd=True)
+    with pytest.raises(ValueError, match="NaN"):
+        solve(A, torch.full((4,), float("nan"), dtype=F64), assume_psd=True)
+    with pytest.raises(ValueError, match="'cg', 'minres'"):
+        solve(A, b, method="gmres")
+    for tol in (0.0, -1e-6):
+        with pytest.raises(ValueError, match="tol must be positive"):
+            solve(A, b, tol=tol, assume_psd=True)
+    with pytest.raises(ValueError, match="tol must be finite"):
+        solve(A, b, tol=float("nan"), assume_psd=True)
+    with pytest.raises(TypeError, match="tol"):
+        solve(A, b, tol="1e-6", assume_psd=True)
+    with pytest.raises(ValueError, match="max_iter"):
+        solve(A, b, max_iter=0, assume_psd=True)
+    with pytest.raises(TypeError, match="max_iter"):
+        solve(A, b, max_iter=2.0, assume_psd=True)
+    with pytest.raises(ValueError, match="x0 has shape"):
+        solve(A, b, x0=rhs(3), assume_psd=True)
+    with pytest.raises(TypeError, match="operator"):
+        solve(A.tolist(), b, assume_psd=True)
+    with pytest.raises(ValueError, match="square"):
+        solve(A[:3], b, assume_psd=True)
+
+
+def test_non_symmetric_operator_is_refused() -> None:
+    M = torch.triu(torch.ones(4, 4, dtype=F64))
+    op = Dense(M, symmetric=False, psd=False)
+    for method in ("cg", "minres"):
+        with pytest.raises(ValueError, match="not symmetric"):
+            solve(op, rhs(4), method=method, assume_psd=True)
+    assert op.num_matvecs == 0
