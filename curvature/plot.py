@@ -10,17 +10,18 @@ import torch
 __all__ = ["plot_density"]
 
 
-def _pyplot() -> Any:
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib ``Figure`` on the Agg canvas, made without pyplot so the user's backend stays as it was."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
             "plotting needs matplotlib: pip install matplotlib (or the extra: pip install 'curvature[plot]')."
         ) from error
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def plot_density(
@@ -44,24 +45,21 @@ def plot_density(
     Returns:
         The path written.
     """
-    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    try:
-        values = density.numpy()
-        if log_scale:
-            floor = max(float(density.max()) * 1e-12, 1e-300)
-            ax.semilogy(grid.numpy(), values.clip(min=floor))
-        else:
-            ax.plot(grid.numpy(), values)
-        ax.plot(nodes.numpy(), [0.0] * nodes.numel() if not log_scale else [floor] * nodes.numel(), "|",
-                color="black", markersize=8, alpha=0.5)
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density")
-        ax.set_title(title or "spectral density (stochastic Lanczos quadrature)")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
+    fig = _figure((6, 4))
+    ax = fig.add_subplot()
+    values = density.numpy()
+    floor = max(float(density.max()) * 1e-12, 1e-300)
+    if log_scale:
+        ax.semilogy(grid.numpy(), values.clip(min=floor))
+    else:
+        ax.plot(grid.numpy(), values)
+    ax.plot(nodes.numpy(), [floor if log_scale else 0.0] * nodes.numel(), "|", color="black", markersize=8,
+            alpha=0.5)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_title(title or "spectral density (stochastic Lanczos quadrature)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     return path

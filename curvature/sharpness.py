@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ._checks import check_scalar
+from .linalg._operand import check_count
 from .linalg.density import SpectralDensity, spectral_density
 from .linalg.eigen import eigenvalues
 from .linalg.trace import TRACE_METHODS, Estimate, frobenius_norm, trace
@@ -45,7 +46,10 @@ class SharpnessReport:
         trace: The trace estimate with its standard error, or None.
         frobenius_norm: The Frobenius-norm estimate with its standard error, or None.
         density: The SLQ spectral density, or None.
-        residuals: Residual norms of the eigenpairs, keyed ``"top_k"`` / ``"lambda_min"``.
+        residuals: Residual norms of the eigenpairs, keyed ``"top_k"`` (or ``"lambda_max"`` when only that
+            was asked for) and ``"lambda_min"``.
+        converged: Whether each eigenvalue computation met ``tol`` within its budget, keyed like
+            ``residuals``.
         num_matvecs: Products spent per metric (``"total"`` too).
         seconds: Wall time per metric (``"total"`` too).
     """
@@ -59,6 +63,7 @@ class SharpnessReport:
     frobenius_norm: Estimate | None = None
     density: SpectralDensity | None = None
     residuals: dict[str, list[float]] = field(default_factory=dict)
+    converged: dict[str, bool] = field(default_factory=dict)
     num_matvecs: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -83,6 +88,7 @@ class SharpnessReport:
                 "num_probes": self.density.num_probes,
             }
         out["residuals"] = dict(self.residuals)
+        out["converged"] = dict(self.converged)
         out["num_matvecs"] = dict(self.num_matvecs)
         out["seconds"] = dict(self.seconds)
         return out
@@ -101,13 +107,17 @@ class SharpnessReport:
         def cost(name: str) -> tuple[str, str]:
             return str(self.num_matvecs.get(name, "")), f"{self.seconds.get(name, math.nan):.2f}"
 
+        def flag(key: str) -> str:
+            return "" if self.converged.get(key, True) else " (not converged)"
+
+        top_key = "top_k" if self.top_k is not None else "lambda_max"
         if self.lambda_max is not None:
-            rows.append(("lambda_max", f"{self.lambda_max:.6g}", *cost("eigenvalues")))
+            rows.append(("lambda_max", f"{self.lambda_max:.6g}{flag(top_key)}", *cost("eigenvalues")))
         if self.top_k is not None:
             values = ", ".join(f"{v:.4g}" for v in self.top_k.tolist())
-            rows.append((f"top_{self.top_k.numel()}", values, *cost("eigenvalues")))
+            rows.append((f"top_{self.top_k.numel()}", values + flag(top_key), *cost("eigenvalues")))
         if self.lambda_min is not None:
-            rows.append(("lambda_min", f"{self.lambda_min:.6g}", *cost("lambda_min")))
+            rows.append(("lambda_min", f"{self.lambda_min:.6g}{flag('lambda_min')}", *cost("lambda_min")))
         for name in ("trace", "frobenius_norm"):
             est = getattr(self, name)
             if est is not None:
@@ -195,7 +205,8 @@ def sharpness(
         A :class:`SharpnessReport`; ``print(report)`` shows a table, ``report.to_dict()`` the values.
 
     Raises:
-        ValueError: On an unknown metric, operator or trace method.
+        ValueError: On an unknown metric, operator or trace method, or a count out of range (checked
+            before any product).
 
     Example:
         >>> model = nn.Linear(3, 2).double()
@@ -212,7 +223,15 @@ def sharpness(
         raise ValueError(f"operator must be one of {tuple(OPERATORS)}, got {operator!r}.")
     if trace_method not in TRACE_METHODS:
         raise ValueError(f"trace_method must be one of {TRACE_METHODS}, got {trace_method!r}.")
-    check_scalar(tol, "tol")
+    if check_scalar(tol, "tol") <= 0:
+        raise ValueError(f"tol must be positive, got {tol}.")
+    check_count(k, "k")
+    if "trace" in metrics and trace_method != "exact":
+        check_count(num_matvecs, "num_matvecs", minimum=2 if trace_method == "hutchinson" else 4)
+    if "frobenius_norm" in metrics:
+        check_count(num_matvecs, "num_matvecs", minimum=2)
+    check_count(density_probes, "density_probes")
+    check_count(density_steps, "density_steps")
     generator = resolve_generator(generator)
     if operator == "fisher" and operator_kwargs.get("mc_samples") is not None:
         operator_kwargs = {"generator": generator, **operator_kwargs}  # the Monte-Carlo labels too
@@ -222,6 +241,7 @@ def sharpness(
 
     values: dict[str, Any] = {}
     residuals: dict[str, list[float]] = {}
+    converged: dict[str, bool] = {}
     num_products: dict[str, int] = {}
     seconds: dict[str, float] = {}
     stages = []
@@ -239,11 +259,12 @@ def sharpness(
                 result = eigenvalues(tracked, k=count, which="largest", tol=tol, generator=generator)
                 values["lambda_max"] = float(result.values[0]) if "lambda_max" in metrics else None
                 values["top_k"] = result.values if "top_k" in metrics else None
-                residuals["top_k" if "top_k" in metrics else "lambda_max"] = result.residuals.tolist()
+                key = "top_k" if "top_k" in metrics else "lambda_max"
+                residuals[key], converged[key] = result.residuals.tolist(), result.converged
             elif stage == "lambda_min":
                 result = eigenvalues(tracked, k=1, which="smallest", tol=tol, generator=generator)
                 values["lambda_min"] = float(result.values[0])
-                residuals["lambda_min"] = result.residuals.tolist()
+                residuals["lambda_min"], converged["lambda_min"] = result.residuals.tolist(), result.converged
             elif stage == "trace":
                 values["trace"] = trace(tracked, method=trace_method, num_matvecs=num_matvecs, generator=generator)
             elif stage == "frobenius_norm":
@@ -257,6 +278,6 @@ def sharpness(
     num_products["total"] = tracked.num_matvecs
     seconds["total"] = time.perf_counter() - start_all
     return SharpnessReport(
-        operator=operator, num_params=op.shape[0], residuals=residuals, num_matvecs=num_products,
+        operator=operator, num_params=op.shape[0], residuals=residuals, converged=converged, num_matvecs=num_products,
         seconds=seconds, **{name: value for name, value in values.items() if value is not None},
     )

@@ -52,6 +52,7 @@ def test_print_dict_json(tmp_path) -> None:
         assert name in text
     data = report.to_dict()
     assert data["lambda_max"] == report.lambda_max and len(data["top_k"]) == 5
+    assert data["converged"] == {"top_k": True, "lambda_min": True}
     assert json.loads(report.to_json(tmp_path / "report.json")) == json.loads(json.dumps(data))
     assert json.loads((tmp_path / "report.json").read_text())["trace"]["value"] == report.trace.value
 
@@ -68,7 +69,7 @@ def test_default_metrics_reproducible_and_quiet(capsys: pytest.CaptureFixture) -
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_fisher_options_reach_thebuild() -> None:
+def test_fisher_options_reach_the_operator() -> None:
     case = make_case("mlp_tanh_ce_mean", torch.float64)
     report = sharpness(case["model"], case["loss_fn"], case["data"], metrics=("lambda_max",), operator="fisher",
                        mc_samples=2, generator=seeded(0), quiet=True)
@@ -82,6 +83,9 @@ def test_fisher_options_reach_thebuild() -> None:
         (dict(metrics=()), "metrics must be"),
         (dict(operator="kfac"), "operator must be one of"),
         (dict(trace_method="hutch+"), "trace_method must be one of"),
+        (dict(num_matvecs=1), "num_matvecs must be at least 2"),
+        (dict(tol=0.0), "tol must be positive"),
+        (dict(metrics=("density",), density_steps=0), "density_steps must be at least 1"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from curvature.linalg.solve import SolveResult, solve
 from curvature.operators.base import LinearOperator
 
 F64 = torch.float64
+solve_module = importlib.import_module("curvature.linalg.solve")  # the name `solve` is the function
 DAMPING = 1e-2
 
 
@@ -192,6 +194,142 @@ def test_minres_stops_on_lanczos_breakdown(seed: int) -> None:
     assert result.iterations == 3 and result.num_matvecs == 3
     assert result.residual_norm <= 1e-14 * float(b.norm())
     assert rel_err(result.x, torch.linalg.solve(A, b)) <= 1e-14
+
+
+# -- singular inconsistent systems: MINRES stops at a least-squares solution -------------------------------
+#
+# A least-squares solution x of A x ≈ b has A r = 0 for r = b − A x. For any x, r − r† = A (x† − x) lies in
+# range(A) and A r† = 0, so ‖r − r†‖ ≤ ‖A r‖ / σ⁺ and ‖P x − x†‖ ≤ ‖r − r†‖ / σ⁺, with x† the minimum-norm
+# least-squares solution, r† its residual, σ⁺ the least nonzero |eigenvalue| and P the projector on
+# range(A). MINRES stops when ‖A r‖ ≤ √ε ‖A‖ ‖r‖ (by its recurrence, which follows the true value closely
+# here), which bounds both.
+
+
+def singular_system(
+    kind: str, seed: int, dtype: torch.dtype = F64, nonzero: int = 15, zeros: int = 5
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Q diag(λ, 0) Qᵀ with b = A y + (a null-space vector): singular, inconsistent. Returns A, b, σ⁺."""
+    g = torch.Generator().manual_seed(seed)
+    n = nonzero + zeros
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=g))
+    if kind == "reproducer":  # the review's reproducer: min ‖b − A x‖ = ‖Q[:, 17]‖ = 1
+        A = (Q * torch.cat([torch.linspace(-2, 3, nonzero), torch.zeros(zeros)]).double()) @ Q.T
+        b = A @ torch.randn(n, generator=g, dtype=F64) + Q[:, 17]
+        return A.to(dtype), b.to(dtype), 1 / 7  # linspace(-2, 3, 15) has step 5/14; its least |λ| is 1/7
+    # |λ| from 1e-3 to 1 with random signs: eigenvalues of both signs next to the zero ones.
+    eigenvalues = torch.logspace(-3, 0, nonzero, dtype=F64) * torch.randn(nonzero, dtype=F64, generator=g).sign()
+    A = Q @ torch.diag(torch.cat([eigenvalues, torch.zeros(zeros, dtype=F64)])) @ Q.T
+    A = (A + A.T) / 2
+    b = A @ torch.randn(n, dtype=F64, generator=g) + Q[:, nonzero:] @ torch.randn(zeros, dtype=F64, generator=g)
+    return A.to(dtype), b.to(dtype), 1e-3
+
+
+def check_least_squares(A: torch.Tensor, b: torch.Tensor, sigma: float, result: SolveResult, slack: float) -> None:
+    """``result`` is a least-squares solution of A x ≈ b to √ε (times ``slack``), with an honest residual."""
+    eps = torch.finfo(A.dtype).eps
+    A, b, x = A.double(), b.double(), result.x.double()
+    a_norm = float(torch.linalg.matrix_norm(A, 2))
+    pinv = torch.linalg.pinv(A, hermitian=True, rtol=1e-10 if eps < 1e-10 else 1e-5)
+    x_dagger = pinv @ b
+    r, r_dagger = b - A @ x, b - A @ x_dagger
+    assert torch.isfinite(result.x).all() and not result.converged  # ‖r‖ ≥ ‖r†‖ > tol ‖b‖
+    assert float((A @ r).norm()) <= slack * eps**0.5 * a_norm * float(r.norm())
+    assert float((r - r_dagger).norm()) <= slack * eps**0.5 * a_norm / sigma * float(r.norm())
+    assert float((pinv @ (A @ x) - x_dagger).norm()) <= slack * eps**0.5 * a_norm / sigma**2 * float(r.norm())
+    # The reported residual is the true one up to rounding (it was 0.377 against a true 3e15, below the
+    # least-squares minimum 1, before the least-squares test): within 100 ε ‖A‖ ‖x‖.
+    assert abs(result.residual_norm - float(r.norm())) <= 100 * eps * a_norm * float(x.norm())
+    assert result.residual_norm >= float(r_dagger.norm()) - 100 * eps * a_norm * float(x.norm())
+
+
+@pytest.mark.parametrize("tol", [1e-6, 1e-12])
+def test_minres_singular_inconsistent_system_stops_at_least_squares_point(tol: float) -> None:
+    # The review's reproducer: before the least-squares test MINRES reached the least-squares point at
+    # iteration 15, then ran all 200 iterations, ‖x‖ growing to 3e16 along near-null directions that Lanczos
+    # without reorthogonalization kept producing, and reported a residual of 0.377 (true: 3e15). The level
+    # of the test is √ε whatever tol asks: a tight tol must not send MINRES past the least-squares point.
+    A, b, sigma = singular_system("reproducer", 0)
+    x_dagger = torch.linalg.pinv(A, hermitian=True, rtol=1e-10) @ b
+    assert float((b - A @ x_dagger).norm()) == pytest.approx(1.0, abs=1e-12)  # the least-squares minimum
+    result = solve(A, b, method="minres", tol=tol)
+    check_least_squares(A, b, sigma, result, slack=1.0)
+    # A has 16 distinct eigenvalues (counting 0), so the Krylov space is invariant after 16 steps: the
+    # least-squares test fires at the singular 16th (measured: 16); the residual needed no recomputation.
+    assert result.iterations <= 20 and result.num_matvecs == result.iterations
+    # MINRES's iterate carries a null-space component (it is not the minimum-norm solution): ‖x‖ ≈ 5.1
+    # against ‖x†‖ ≈ 3.3 here, where it was 3e16.
+    assert float(result.x.norm()) <= 10 * float(x_dagger.norm())
+    # Stopped before the least-squares point, MINRES reports the recurrence's residual, the true one.
+    capped = solve(A, b, method="minres", tol=tol, max_iter=10)
+    assert not capped.converged and capped.iterations == capped.num_matvecs == 10
+    assert capped.residual_norm == pytest.approx(float((b - A @ capped.x).norm()), rel=1e-12)
+
+
+def test_minres_past_the_least_squares_point_falls_back_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lower the least-squares test to ε, below the 5e-12 that the reproducer's least-squares point reaches:
+    # MINRES runs past it as it did before the test existed, x grows along near-null directions until the
+    # size test (‖x‖ ≥ ‖b‖ / (100 ε ‖A‖)) stops it, and the recurrence's residual no longer means anything.
+    # MINRES then computes the true residuals of the last iterate and of the trusted iterate with the least
+    # ‖A r‖ / ‖r‖ (two products) and returns the latter: the least-squares point, with its true residual.
+    monkeypatch.setattr(solve_module, "_LS_EXPONENT", 1.0)
+    A, b, sigma = singular_system("reproducer", 0)
+    result = solve(A, b, method="minres", tol=1e-12)
+    check_least_squares(A, b, sigma, result, slack=1.0)
+    assert result.iterations < 10 * 20 and result.num_matvecs == result.iterations + 2
+    assert float(result.x.norm()) <= 10 * 3.32
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_minres_singular_inconsistent_system_with_eigenvalues_near_zero(seed: int) -> None:
+    # Eigenvalues of both signs down to 1e-3 next to five zeros. MINRES's iterates pick up a large
+    # null-space component on the way (‖x‖ ≈ 1.4e3 to 1.9e3 against ‖x†‖ ≈ 3 to 4, from the first dozen
+    # steps, before any rounding effect), and its update directions grow accordingly, so it may spend one
+    # product to confirm the final residual. The true ‖A r‖ can exceed the recurrence's estimate that
+    # stopped MINRES a little (measured 8.7e-10 and 7.9e-9 against √ε = 1.5e-8): slack 2.
+    A, b, sigma = singular_system("log", seed)
+    result = solve(A, b, method="minres")
+    check_least_squares(A, b, sigma, result, slack=2.0)
+    assert result.iterations < 10 * 20 and result.num_matvecs <= result.iterations + 2
+    assert float(result.x.norm()) <= 1e4 * float((torch.linalg.pinv(A, hermitian=True, rtol=1e-10) @ b).norm())
+
+
+def test_minres_singular_inconsistent_system_float32() -> None:
+    # In float32 √ε = 3.5e-4; the least-squares point is met to that level (measured ‖A r‖ = 3.7e-5 ‖A‖ ‖r‖).
+    A, b, sigma = singular_system("reproducer", 0, dtype=torch.float32)
+    result = solve(A, b, method="minres")
+    assert result.x.dtype == torch.float32
+    check_least_squares(A, b, sigma, result, slack=2.0)
+    assert float(result.x.norm()) <= 10 * 3.32
+
+
+@pytest.mark.parametrize("sign", ["spd", "indefinite"])
+@pytest.mark.parametrize("tol", [1e-1, 1e-2])
+def test_minres_loose_tol_on_ill_conditioned_system_converges(sign: str, tol: float) -> None:
+    # A least-squares test at ‖A r‖ ≤ tol ‖A‖ ‖r‖ would stop here before the residual test (a consistent
+    # system has ‖A r‖ ≥ ‖A‖ ‖r‖ / κ, and κ = 1e4 > 1 / tol): at √ε it cannot, as κ < 1 / √ε.
+    eigenvalues = torch.logspace(0, -4, 30, dtype=F64)
+    if sign == "indefinite":
+        eigenvalues = eigenvalues * torch.tensor([1.0, -1.0], dtype=F64).repeat(15)
+    A = symmetric(eigenvalues, seed=5)
+    b = rhs(30)
+    result = solve(A, b, method="minres", tol=tol)
+    assert result.converged and result.num_matvecs == result.iterations < 300
+    assert true_rel_residual(A, result.x, b) <= tol * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_minres_residual_is_honest_on_a_nearly_singular_system(seed: int) -> None:
+    # κ = 1e10 > 1 / √ε: MINRES's recurrence residual can drift far from the true one (like ε κ² ‖b‖; at
+    # tol = 1e-2 it claimed convergence here with true residuals of 0.26 to 9.7 ‖b‖). MINRES's own estimate
+    # of κ, ‖A‖ max ‖d_k‖, passes 1 / √ε, so it checks the final residual: what it reports holds for x.
+    A = symmetric(torch.logspace(0, -10, 30, dtype=F64), seed=seed)
+    b = rhs(30, seed=seed)
+    for tol in (1e-2, 1e-6):
+        result = solve(A, b, method="minres", tol=tol)
+        true = float((b - A @ result.x).norm())
+        assert result.num_matvecs > result.iterations
+        assert result.residual_norm == pytest.approx(true, rel=1e-10)
+        assert result.converged == (true <= tol * float(b.norm()))
 
 
 @pytest.mark.parametrize("method", ["cg", "minres"])

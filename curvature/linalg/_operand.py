@@ -73,7 +73,7 @@ class Operand:
         return torch.zeros(*shape, dtype=self.dtype, device=self.device)
 
     def check_vector(self, v: Any, name: str) -> torch.Tensor:
-        """Check that ``v`` is a ``(P,)`` tensor matching the operator and return it.
+        """Check that ``v`` is a ``(P,)`` tensor matching the operator and return it, detached from autograd.
 
         Raises:
             TypeError: If ``v`` is not a tensor or its dtype differs.
@@ -88,7 +88,7 @@ class Operand:
         if v.device != self.device:
             raise ValueError(f"{name} is on {v.device} but the operator is on {self.device}; use .to().")
         check_finite(v, name, f"pass a finite {name}.")
-        return v
+        return v.detach()
 
 
 def check_count(value: Any, name: str, minimum: int = 1) -> int:

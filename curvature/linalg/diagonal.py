@@ -80,20 +80,25 @@ def diagonal(
     if method == "exact" or (method == "xdiag" and num_matvecs >= operand.size):
         return _exact(operand)
     if method == "hutchinson":
-        total = operand.zeros(operand.size)
-        total_sq = operand.zeros(operand.size)
+        # Sums in float64: in float32, sum(x²) - m·mean² cancels when the diagonal dominates the spread.
+        total = torch.zeros(operand.size, dtype=torch.float64, device=operand.device)
+        total_sq = torch.zeros_like(total)
         for Om in _probe_blocks(operand, num_matvecs, distribution, generator):
-            terms = Om * (operand @ Om)
+            terms = (Om * (operand @ Om)).double()
             total += terms.sum(1)
             total_sq += terms.pow(2).sum(1)
-        return _per_entry(total, total_sq, num_matvecs, operand.num_matvecs)
+        return _per_entry(total, total_sq, num_matvecs, operand)
     return _xdiag(operand, num_matvecs, distribution, generator)
 
 
-def _per_entry(total: torch.Tensor, total_sq: torch.Tensor, count: int, num_matvecs: int) -> Estimate:
+def _per_entry(total: torch.Tensor, total_sq: torch.Tensor, count: int, operand: Operand) -> Estimate:
+    """Mean and standard error per entry from float64 sums of ``count`` estimates and of their squares."""
     mean = total / count
     variance = ((total_sq - count * mean.pow(2)) / (count - 1)).clamp_min(0)
-    return Estimate(value=mean, std_error=variance.sqrt() / math.sqrt(count), num_matvecs=num_matvecs)
+    return Estimate(
+        value=mean.to(operand.dtype), std_error=(variance.sqrt() / math.sqrt(count)).to(operand.dtype),
+        num_matvecs=operand.num_matvecs,
+    )
 
 
 def _exact(operand: Operand) -> Estimate:
@@ -120,6 +125,5 @@ def _xdiag(operand: Operand, m: int, distribution: str, generator: torch.Generat
         # diag(Q_(i) Q_(i)ᵀ A) = diag(QQᵀA) - q_i ⊙ A q_i with q_i = Q S_i, and
         # (I - Q_(i) Q_(i)ᵀ) A ω_i = q_i (S_iᵀ R_i) because A ω_i = Q R_i lies in range(Q).
         terms = Om * QS * (S * R).sum(0) - QS * (Z @ S)
-    total = low * n + terms.sum(1)
-    total_sq = (low.unsqueeze(1) + terms).pow(2).sum(1)
-    return _per_entry(total, total_sq, n, operand.num_matvecs)
+    estimates = (low.unsqueeze(1) + terms).double()  # column i: the leave-one-out estimate d_i
+    return _per_entry(estimates.sum(1), estimates.pow(2).sum(1), n, operand)

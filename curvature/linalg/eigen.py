@@ -77,7 +77,10 @@ def eigenvalues(
 
     When the Krylov space becomes invariant (``β = 0``), the search continues once from a random vector
     orthogonal to it: that finds further copies of a repeated eigenvalue, which a single Krylov space holds
-    only once. Like every single-vector Krylov method it can still miss copies of a multiple eigenvalue.
+    only once. Like every single-vector Krylov method it can still miss copies of a multiple eigenvalue
+    (for instance the null space of a GGN asked for ``which="smallest"``), and with a basis barely larger
+    than ``k`` it can settle on converged eigenpairs that are not the extreme ones (seen for
+    ``which="magnitude"`` with ``num_vectors = k + 3``): keep ``num_vectors ≥ 2k``, as the default does.
 
     Args:
         op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device``.
@@ -217,25 +220,26 @@ def _thick_restart_lanczos(
             or (previous is not None and bool(((previous - theta[wanted]).abs() <= 64 * eps * norm).all()))
         )
         if m >= k and (done and not exhausted or settled or operand.num_matvecs >= max_matvecs):
-            vectors = V[:, :m] @ S[:, wanted].to(operand.dtype)
+            vectors = V[:, :m] @ S[:, wanted].to(V)
             return _finish(operand, theta[wanted], vectors, residuals[wanted], tol, norm)
         if exhausted:
+            # Continue from a random vector orthogonal to the invariant space, with coupling 0.
             previous = theta[wanted].clone() if m >= k else None
             w = probes("gaussian", size, generator, operand.dtype, operand.device)
             basis = V[:, :m]
             w = w - basis @ (basis.T @ w)
             w = w - basis @ (basis.T @ w)
             V[:, m] = w / w.norm()
-            j = m
-            continue
-        V[:, m] = w / beta
+        else:
+            V[:, m] = w / beta
         if m < ncv:
             T[m - 1, m] = T[m, m - 1] = beta
             j = m
             continue
-        # Thick restart: keep the `keep` wanted Ritz vectors and the residual direction.
+        # Thick restart: keep the `keep` wanted Ritz vectors and the next direction (the residual, or the
+        # fresh vector after an invariant space), coupled to them by β times the Ritz vectors' last entries.
         kept = order[:keep]
-        V[:, :keep] = V[:, :m] @ S[:, kept].to(operand.dtype)
+        V[:, :keep] = V[:, :m] @ S[:, kept].to(V)
         V[:, keep] = V[:, m]
         T.zero_()
         T[:keep, :keep] = torch.diag(theta[kept])
@@ -270,9 +274,9 @@ def _power(
         Y = operand @ X
         theta, S = torch.linalg.eigh((X.T @ Y).double().cpu())
         order = _order(theta, "magnitude")
-        theta, S = theta[order], S[:, order].to(operand.dtype).to(operand.device)
+        theta, S = theta[order], S[:, order].to(X)
         X, Y = X @ S, Y @ S
-        residuals = (Y - X * theta.to(operand.dtype).to(operand.device)).norm(dim=0).double().cpu()
+        residuals = (Y - X * theta.to(X)).norm(dim=0).double().cpu()
         norm = max(norm, float(theta.abs().max()))
         converged = _is_converged(residuals, theta, tol, norm, operand.dtype)
         if converged or operand.num_matvecs + k > max_matvecs:
