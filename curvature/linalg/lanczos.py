@@ -108,7 +108,7 @@ def lanczos(
         alpha=run.alpha[0, :m].clone(),
         beta=run.beta[0, : m - 1].clone(),
         residual_norm=float(run.beta[0, m - 1]),
-        basis=run.basis[:m, :, 0].T.contiguous() if keep_basis else None,
+        basis=run.basis[0, :m].T.contiguous() if keep_basis else None,
         num_matvecs=operand.num_matvecs,
     )
 
@@ -118,7 +118,7 @@ class _Many:
     alpha: torch.Tensor  # (b, m) float64
     beta: torch.Tensor  # (b, m) float64: beta[:, j] couples steps j and j + 1; beta[:, len - 1] is the residual
     lengths: list[int]  # steps taken per start vector
-    basis: torch.Tensor  # (m, P, b)
+    basis: torch.Tensor  # (b, m, P)
 
 
 def lanczos_many(operand: Operand, V0: torch.Tensor, num_steps: int) -> _Many:
@@ -141,41 +141,46 @@ def lanczos_many(operand: Operand, V0: torch.Tensor, num_steps: int) -> _Many:
     if bool((norms == 0).any()):
         raise ValueError("the Lanczos start vector is zero; pass a nonzero v0.")
     eps = torch.finfo(operand.dtype).eps
-    basis = V0.new_zeros(num_steps, size, b)
-    basis[0] = V0 / norms
+    # One contiguous (m, P) basis per process, so that the reorthogonalization is two batched matrix
+    # products over the processes (no copy of the basis while every process is active).
+    basis = V0.new_zeros(b, num_steps, size)
+    basis[:, 0] = (V0 / norms).T
     alpha = torch.zeros(b, num_steps, dtype=torch.float64)
     beta = torch.zeros(b, num_steps, dtype=torch.float64)
     lengths = [num_steps] * b
     active = list(range(b))
     scale = torch.zeros(b, dtype=torch.float64)  # running estimate of ‖T‖ per process
     for j in range(num_steps):
-        idx = torch.tensor(active, device=V0.device)
-        Q = basis[: j + 1][:, :, idx]  # (j + 1, P, a)
-        W = operand @ Q[j]  # (P, a)
+        if len(active) == b:
+            Q = basis[:, : j + 1]  # (a, j + 1, P), a view
+        else:
+            Q = basis[torch.tensor(active, device=V0.device), : j + 1]
+        W = (operand @ Q[:, j].T).T.unsqueeze(2)  # (a, P, 1)
         # Classical Gram-Schmidt against the whole basis, twice.
-        coef = torch.einsum("jpa,pa->ja", Q, W)
-        W = W - torch.einsum("jpa,ja->pa", Q, coef)
-        coef2 = torch.einsum("jpa,pa->ja", Q, W)
-        W = W - torch.einsum("jpa,ja->pa", Q, coef2)
-        a_j = (coef[j] + coef2[j]).double().cpu()
-        b_j = W.norm(dim=0).double().cpu()
+        coef = torch.bmm(Q, W)
+        W = W - torch.bmm(Q.transpose(1, 2), coef)
+        coef2 = torch.bmm(Q, W)
+        W = W - torch.bmm(Q.transpose(1, 2), coef2)
+        W = W.squeeze(2)  # (a, P)
+        a_j = (coef[:, j, 0] + coef2[:, j, 0]).double().cpu()
+        b_j = W.norm(dim=1).double().cpu()
         still = []
-        for col, proc in enumerate(active):
-            alpha[proc, j] = a_j[col]
-            beta[proc, j] = b_j[col]
-            scale[proc] = max(float(scale[proc]), abs(float(a_j[col])), float(b_j[col]))
-            invariant = float(b_j[col]) <= 100 * eps * float(scale[proc])
+        for row, proc in enumerate(active):
+            alpha[proc, j] = a_j[row]
+            beta[proc, j] = b_j[row]
+            scale[proc] = max(float(scale[proc]), abs(float(a_j[row])), float(b_j[row]))
+            invariant = float(b_j[row]) <= 100 * eps * float(scale[proc])
             if invariant or j + 1 == num_steps or j + 1 == size:
                 lengths[proc] = j + 1
                 if invariant or j + 1 == size:
                     beta[proc, j] = 0.0
             else:
-                still.append((col, proc))
+                still.append((row, proc))
         if not still:
             break
-        cols = torch.tensor([c for c, _ in still], device=V0.device)
+        rows = torch.tensor([r for r, _ in still], device=V0.device)
         procs = torch.tensor([p for _, p in still], device=V0.device)
-        basis[j + 1][:, procs] = W[:, cols] / W[:, cols].norm(dim=0)
+        basis[procs, j + 1] = W[rows] / W[rows].norm(dim=1, keepdim=True)
         active = [p for _, p in still]
     return _Many(alpha=alpha, beta=beta, lengths=lengths, basis=basis)
 
