@@ -31,6 +31,7 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
 import torch  # noqa: E402
+from _problems import Problem  # noqa: E402  (benchmarks/_problems.py: the script's directory is on sys.path)
 from torch import nn  # noqa: E402
 from torch.func import functional_call, grad, jvp  # noqa: E402
 
@@ -69,28 +70,6 @@ CL_HM, PYH_COLS = "curvlinops H @ V", f"pyhessian {K} x H @ v"
 
 
 # -- problems ------------------------------------------------------------------------------------------
-@dataclass
-class Problem:
-    name: str
-    model: nn.Module
-    loss_fn: nn.Module
-    x: torch.Tensor
-    y: torch.Tensor
-
-    @property
-    def args(self) -> tuple:
-        """``(model, loss_fn, data)``, the positional arguments of curvature's operators."""
-        return self.model, self.loss_fn, (self.x, self.y)
-
-    @property
-    def params(self) -> list:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.params)
-
-
 def mlp_problem(device: torch.device) -> Problem:
     model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))
     x = torch.randn(NUM_SAMPLES, 64)
