@@ -9,7 +9,7 @@ import torch
 
 from ..sampling import DISTRIBUTIONS, resolve_generator
 from ._operand import Operand, check_count
-from .trace import Estimate, _probe_blocks, xtrace_samples
+from .trace import Estimate, _probe_blocks, exact_diagonal, xtrace_samples
 
 __all__ = ["DIAGONAL_METHODS", "diagonal"]
 
@@ -104,13 +104,7 @@ def _per_entry(total: torch.Tensor, total_sq: torch.Tensor, count: int, operand:
 
 
 def _exact(operand: Operand) -> Estimate:
-    value = operand.zeros(operand.size)
-    for start in range(0, operand.size, 256):
-        stop = min(start + 256, operand.size)
-        E = operand.zeros(operand.size, stop - start)
-        rows = torch.arange(start, stop, device=operand.device)
-        E[rows, rows - start] = 1
-        value[start:stop] = (operand @ E)[rows, rows - start]
+    value = exact_diagonal(operand)
     return Estimate(value=value, std_error=torch.zeros_like(value), num_matvecs=operand.num_matvecs)
 
 
