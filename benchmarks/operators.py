@@ -31,7 +31,7 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
 import torch  # noqa: E402
-from _problems import Problem  # noqa: E402  (benchmarks/_problems.py: the script's directory is on sys.path)
+from _common import Problem, print_load  # noqa: E402  (benchmarks/_common.py: the script's directory is on sys.path)
 from torch import nn  # noqa: E402
 from torch.func import functional_call, grad, jvp  # noqa: E402
 
@@ -407,12 +407,6 @@ def print_machine(device: torch.device, reps: int) -> None:
     print(f"device={device}, float32, {reps} round-robin repetitions, median reported; "
           f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}")
     print_load()
-
-
-def print_load() -> None:
-    """Other processes on a 2-core machine distort timings: show the load next to the numbers."""
-    if hasattr(os, "getloadavg"):
-        print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 def main() -> None:

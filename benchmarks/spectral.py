@@ -55,7 +55,7 @@ from typing import Callable, Optional  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.sparse.linalg  # noqa: E402
 import torch  # noqa: E402
-from _problems import Problem  # noqa: E402  (benchmarks/_problems.py: the script's directory is on sys.path)
+from _common import Problem, print_load  # noqa: E402  (benchmarks/_common.py: the script's directory is on sys.path)
 from torch import nn  # noqa: E402
 
 import curvature  # noqa: E402
@@ -752,12 +752,6 @@ def print_machine(reps: int, seeds: int) -> None:
           f"(b): {seeds} seeds; GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}")
     print("seconds marked * have q3 > 1.5 q1 over the repetitions: other processes competed for the cores")
     print_load()
-
-
-def print_load() -> None:
-    """Other processes on a 2-core machine distort timings: show the load next to the numbers."""
-    if hasattr(os, "getloadavg"):
-        print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 def main() -> None:

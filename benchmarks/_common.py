@@ -1,7 +1,8 @@
-"""The benchmark problems' container, shared by the scripts in this folder."""
+"""Pieces shared by the benchmark scripts in this folder: the problem container and the load report."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -41,3 +42,9 @@ class Problem:
     def num_samples(self) -> int:
         """The number of samples ``N``."""
         return self.x.shape[0]
+
+
+def print_load() -> None:
+    """Other processes on a 2-core machine distort timings: show the load next to the numbers."""
+    if hasattr(os, "getloadavg"):
+        print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
