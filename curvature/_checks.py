@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "check_count",
     "check_finite",
     "check_generator",
     "check_operand",
@@ -142,3 +143,17 @@ def check_generator(generator: Any, name: str = "generator") -> None:
             f"{name} must be a torch.Generator or None, got {type(generator).__name__}; "
             f"for a seed s use torch.Generator().manual_seed(s)."
         )
+
+
+def check_count(value: Any, name: str, minimum: int = 1) -> int:
+    """Return ``value`` as an int at least ``minimum``.
+
+    Raises:
+        TypeError: If it is not an integer.
+        ValueError: If it is smaller than ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+    return value

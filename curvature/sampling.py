@@ -11,9 +11,19 @@ import torch
 
 from ._checks import check_generator
 
-__all__ = ["DISTRIBUTIONS", "gaussian", "probes", "rademacher", "resolve_generator"]
+__all__ = ["DISTRIBUTIONS", "check_distribution", "gaussian", "probes", "rademacher", "resolve_generator"]
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def check_distribution(distribution: str) -> None:
+    """Check that ``distribution`` names one of :data:`DISTRIBUTIONS`.
+
+    Raises:
+        ValueError: If it does not.
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
 
 
 def resolve_generator(generator: torch.Generator | None) -> torch.Generator:
@@ -119,11 +129,9 @@ def probes(
     Raises:
         ValueError: If ``distribution`` is not one of the names above.
     """
-    if distribution == "rademacher":
-        return rademacher(shape, generator, dtype, device)
-    if distribution == "gaussian":
-        return gaussian(shape, generator, dtype, device)
-    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+    check_distribution(distribution)
+    draw = rademacher if distribution == "rademacher" else gaussian
+    return draw(shape, generator, dtype, device)
 
 
 def _shape(shape: tuple[int, ...] | int) -> tuple[int, ...]:

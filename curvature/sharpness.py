@@ -12,11 +12,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ._checks import check_scalar
-from .linalg._operand import check_count
+from ._checks import check_count, check_scalar
 from .linalg.density import SpectralDensity, spectral_density
 from .linalg.eigen import eigenvalues
-from .linalg.trace import TRACE_METHODS, Estimate, frobenius_norm, trace
+from .linalg.trace import MIN_MATVECS, TRACE_METHODS, Estimate, frobenius_norm, trace
 from .operators.base import LinearOperator
 from .operators.ggn import EmpiricalFisherOperator, FisherOperator, GGNOperator
 from .operators.hessian import HessianOperator
@@ -227,7 +226,7 @@ def sharpness(
         raise ValueError(f"tol must be positive, got {tol}.")
     check_count(k, "k")
     if "trace" in metrics and trace_method != "exact":
-        check_count(num_matvecs, "num_matvecs", minimum=2 if trace_method == "hutchinson" else 4)
+        check_count(num_matvecs, "num_matvecs", minimum=MIN_MATVECS[trace_method])
     if "frobenius_norm" in metrics:
         check_count(num_matvecs, "num_matvecs", minimum=2)
     check_count(density_probes, "density_probes")

@@ -14,7 +14,7 @@ import torch
 
 from .._checks import check_finite
 
-__all__ = ["Operand", "check_count"]
+__all__ = ["Operand"]
 
 
 class Operand:
@@ -89,17 +89,3 @@ class Operand:
             raise ValueError(f"{name} is on {v.device} but the operator is on {self.device}; use .to().")
         check_finite(v, name, f"pass a finite {name}.")
         return v.detach()
-
-
-def check_count(value: Any, name: str, minimum: int = 1) -> int:
-    """Return ``value`` as an int at least ``minimum``.
-
-    Raises:
-        TypeError: If it is not an integer.
-        ValueError: If it is smaller than ``minimum``.
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
-    return value

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from .._checks import check_scalar
-from ..sampling import DISTRIBUTIONS, probes, resolve_generator
-from ._operand import Operand, check_count
+from .._checks import check_count, check_scalar
+from ..sampling import check_distribution, probes, resolve_generator
+from ._operand import Operand
 from .lanczos import _tridiagonal, lanczos_many
 from .trace import Estimate
 
@@ -180,8 +180,7 @@ def spectral_density(
     operand = Operand(op)
     check_count(num_probes, "num_probes")
     check_count(num_steps, "num_steps")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+    check_distribution(distribution)
     generator = resolve_generator(generator)
     num_steps = min(num_steps, operand.size)
     V0 = probes(distribution, (operand.size, num_probes), generator, operand.dtype, operand.device)

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from ..sampling import DISTRIBUTIONS, resolve_generator
-from ._operand import Operand, check_count
+from .._checks import check_count
+from ..sampling import check_distribution, resolve_generator
+from ._operand import Operand
 from .trace import Estimate, _probe_blocks, exact_diagonal, xtrace_samples
 
 __all__ = ["DIAGONAL_METHODS", "diagonal"]
@@ -74,8 +75,7 @@ def diagonal(
     operand = Operand(op)
     if method not in DIAGONAL_METHODS:
         raise ValueError(f"method must be one of {DIAGONAL_METHODS}, got {method!r}.")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+    check_distribution(distribution)
     generator = resolve_generator(generator)
     if method != "exact":
         check_count(num_matvecs, "num_matvecs", minimum=2 if method == "hutchinson" else 4)

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from .._checks import check_scalar
+from .._checks import check_count, check_scalar
 from ..sampling import probes, resolve_generator
-from ._operand import Operand, check_count
+from ._operand import Operand
 
 __all__ = ["EigenResult", "eigenvalues"]
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from .._checks import check_count
 from ..sampling import probes, resolve_generator
-from ._operand import Operand, check_count
+from ._operand import Operand
 
 __all__ = ["LanczosResult", "lanczos"]
 

@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import torch
 
-from .._checks import check_scalar
-from ._operand import Operand, check_count
+from .._checks import check_count, check_scalar
+from ._operand import Operand
 
 __all__ = ["SolveResult", "solve"]
 

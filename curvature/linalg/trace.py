@@ -12,12 +12,14 @@ from typing import Any, Iterator, Union
 
 import torch
 
-from ..sampling import DISTRIBUTIONS, probes, resolve_generator
-from ._operand import Operand, check_count
+from .._checks import check_count
+from ..sampling import check_distribution, probes, resolve_generator
+from ._operand import Operand
 
-__all__ = ["Estimate", "TRACE_METHODS", "frobenius_norm", "trace"]
+__all__ = ["MIN_MATVECS", "Estimate", "TRACE_METHODS", "frobenius_norm", "trace"]
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "exact")
+MIN_MATVECS = {"hutchinson": 2, "hutch++": 4, "xtrace": 4}  # the fewest products that give a standard error
 BLOCK = 16  # probes multiplied together in one `op @ V`
 
 
@@ -105,11 +107,10 @@ def trace(
     operand = Operand(op)
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}.")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+    check_distribution(distribution)
     generator = resolve_generator(generator)
     if method != "exact":
-        check_count(num_matvecs, "num_matvecs", minimum=2 if method == "hutchinson" else 4)
+        check_count(num_matvecs, "num_matvecs", minimum=MIN_MATVECS[method])
     if method == "exact" or (method != "hutchinson" and num_matvecs >= operand.size):
         return _exact_trace(operand)
     if method == "hutchinson":
@@ -155,8 +156,7 @@ def frobenius_norm(
         3.0
     """
     operand = Operand(op)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+    check_distribution(distribution)
     generator = resolve_generator(generator)
     check_count(num_matvecs, "num_matvecs", minimum=2)
     samples = torch.cat(
