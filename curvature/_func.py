@@ -140,11 +140,13 @@ def vjp_columns(
     cotangents: Sequence[torch.Tensor],
     *,
     vectorize: bool,
+    retain_graph: bool = True,
 ) -> list[torch.Tensor]:
     r"""Reverse-mode products :math:`J^\top c_j` for ``k`` cotangents through a kept autograd graph.
 
     The graph is retained, so the call can be repeated with new cotangents at the cost of one backward
-    pass each. Inputs that the outputs do not depend on get zeros.
+    pass each; with ``retain_graph=False`` the last backward pass frees it as it goes (a graph used once
+    then peaks lower). Inputs that the outputs do not depend on get zeros.
 
     Args:
         outputs: Tensors of the graph (entries that are None or do not require grad are skipped).
@@ -152,6 +154,7 @@ def vjp_columns(
         cotangents: One tensor of shape ``(k, *output.shape)`` per output.
         vectorize: Push all ``k`` cotangents through the graph at once with ``is_grads_batched`` (vmap);
             if the graph cannot be vmapped, a one-time warning is emitted and a loop is used.
+        retain_graph: Keep the graph after the last column (False: this is its last use).
 
     Returns:
         One tensor of shape ``(k, *input.shape)`` per input.
@@ -173,7 +176,7 @@ def vjp_columns(
     if vectorize and k > 1:
         try:
             grads = torch.autograd.grad(
-                outs, inputs, cots, retain_graph=True, allow_unused=True, is_grads_batched=True
+                outs, inputs, cots, retain_graph=retain_graph, allow_unused=True, is_grads_batched=True
             )
             return fill(grads, batched=True)
         except RuntimeError as err:  # an op without a batching rule
@@ -186,8 +189,8 @@ def vjp_columns(
                 )
                 _vmap_fallback_warned = True
     columns = [
-        fill(torch.autograd.grad(outs, inputs, [c[j] for c in cots], retain_graph=True, allow_unused=True),
-             batched=False)
+        fill(torch.autograd.grad(outs, inputs, [c[j] for c in cots], retain_graph=retain_graph or j + 1 < k,
+                                 allow_unused=True), batched=False)
         for j in range(k)
     ]
     if k == 1:

@@ -1,13 +1,14 @@
-"""Train/eval mode handling shared by the jobs that measure a model in eval mode and must leave it as it was."""
+"""Modes switched for a block and restored: train/eval flags, TF32 and the attention backend for products."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
-__all__ = ["eval_mode"]
+__all__ = ["differentiable_attention", "eval_mode", "float32_precision"]
 
 
 @contextmanager
@@ -29,3 +30,60 @@ def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def _tf32_slots() -> list[object]:
+    backends = torch.backends
+    return [backends.cuda.matmul, backends.cudnn.conv, backends.cudnn.rnn]
+
+
+@contextmanager
+def float32_precision(device: torch.device, dtype: torch.dtype, allow_tf32: bool) -> Iterator[None]:
+    """Run the block with TensorFloat-32 on or off for float32 CUDA matmuls and convolutions, then restore.
+
+    PyTorch lets cuDNN convolutions use TF32 by default, which rounds float32 inputs to a 10-bit mantissa
+    (relative errors near 1e-3 in a curvature product); curvature products use full float32 unless the
+    user opts in. Only the flags' values are swapped, through the API that this PyTorch offers (the
+    ``fp32_precision`` attributes, or the older ``allow_tf32`` flags), so the user's own settings return
+    unchanged on exit. Other devices and dtypes run the block as it is.
+
+    Args:
+        device: The device of the products.
+        dtype: Their dtype.
+        allow_tf32: Whether TF32 may be used.
+    """
+    if device.type != "cuda" or dtype != torch.float32:
+        yield
+        return
+    slots = _tf32_slots()
+    if hasattr(slots[0], "fp32_precision"):
+        names, value = ["fp32_precision"] * len(slots), "tf32" if allow_tf32 else "ieee"
+    else:  # PyTorch before 2.9
+        slots, names, value = [torch.backends.cuda.matmul, torch.backends.cudnn], ["allow_tf32"] * 2, allow_tf32
+    saved = [getattr(slot, name) for slot, name in zip(slots, names)]
+    try:
+        for slot, name in zip(slots, names):
+            setattr(slot, name, value)
+        yield
+    finally:
+        for slot, name, old in zip(slots, names, saved):
+            setattr(slot, name, old)
+
+
+@contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Run the block with ``F.scaled_dot_product_attention`` on its math backend, then restore the choice.
+
+    The fused attention kernels (flash and memory-efficient, on CPU and CUDA) have a backward pass that
+    cannot be differentiated again and no forward-mode rule, so a Hessian or Gauss-Newton product through a
+    model that calls ``scaled_dot_product_attention`` fails with "derivative for
+    aten::_scaled_dot_product_flash_attention..._backward is not implemented". The math backend computes the
+    same function from differentiable operations: curvature products run their forward passes with it.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # an older PyTorch without the context: leave the choice to it
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield

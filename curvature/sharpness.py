@@ -236,6 +236,8 @@ def sharpness(
     if operator == "fisher" and operator_kwargs.get("mc_samples") is not None:
         operator_kwargs = {"generator": generator, **operator_kwargs}  # the Monte-Carlo labels too
     op = OPERATORS[operator](model, loss_fn, data, params=params, **operator_kwargs)
+    if op.process_group is not None and torch.distributed.get_rank(op.process_group) != 0:
+        quiet = True  # one progress bar for a job over several processes: rank 0's
 
     from tqdm.auto import tqdm
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import curvature
 
@@ -113,3 +116,70 @@ def full_data_closure(case: dict[str, Any], model: nn.Module | None = None) -> A
         return case["loss_fn"](outputs, targets)
 
     return closure
+
+
+# Tensor methods and torch functions that hand a value to the host: each one waits for the device to finish
+# the work queued so far (a host synchronisation on a GPU). `any`/`all` are not listed: they only sync once
+# their result is read (`__bool__`, `item`), which is counted then.
+HOST_SYNCS = frozenset({
+    "item", "tolist", "numpy", "__array__", "__bool__", "__float__", "__int__", "__index__", "__complex__",
+    "__format__", "equal", "allclose", "is_nonzero", "nonzero", "cpu",
+})
+
+
+@dataclass
+class HostSyncs:
+    """What :func:`count_host_syncs` saw: ``calls`` holds the name of each host read, in order."""
+
+    calls: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+
+class _CountHostSyncs(TorchFunctionMode):
+    def __init__(self, record: HostSyncs) -> None:
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in HOST_SYNCS or (name in ("to", "copy_") and _to_host(name, args, kwargs)):
+            self.record.calls.append(name)
+        return func(*args, **kwargs)
+
+
+def _to_host(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether ``Tensor.to`` / ``Tensor.copy_`` moves data from an accelerator to the CPU."""
+    if name == "copy_":
+        dst, src = args[0], args[1] if len(args) > 1 else kwargs.get("src")
+        return isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst.device.type == "cpu"
+    source = args[0]
+    target = kwargs.get("device")
+    for arg in args[1:]:
+        if isinstance(arg, (str, torch.device)):
+            target = arg
+        elif isinstance(arg, torch.Tensor):
+            target = arg.device
+    return target is not None and torch.device(target).type == "cpu" and source.device.type != "cpu"
+
+
+@contextlib.contextmanager
+def count_host_syncs() -> Iterator[HostSyncs]:
+    """Count the device-to-host reads (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``, ``.cpu()``, ...).
+
+    A :class:`torch.overrides.TorchFunctionMode` sees every such call, also on CPU tensors, so a test on the
+    CPU proves what would synchronize a GPU: an estimator whose count does not grow with its number of
+    products never waits for the device inside its loop. Reads inside C++ kernels (boolean-mask indexing)
+    are not seen.
+
+    Example:
+        with count_host_syncs() as syncs:
+            curvature.trace(op, num_matvecs=20)
+        print(syncs.count, syncs.calls)
+    """
+    record = HostSyncs()
+    with _CountHostSyncs(record):
+        yield record

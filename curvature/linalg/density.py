@@ -35,7 +35,7 @@ class SpectralDensity:
         probe: The probe each node comes from, ``(N,)`` long.
         size: The operator's size ``P`` (moments of the density are ``tr(Aᵏ) / P``).
         num_probes: The number of probes.
-        num_matvecs: Products spent.
+        num_matvecs: Products that entered the quadrature (the steps of all probes).
     """
 
     nodes: torch.Tensor
@@ -155,7 +155,10 @@ def spectral_density(
     :math:`\sum_l w_l\theta_l = \frac{1}{n_v}\sum_v v^\top A v / v^\top v`, so ``P`` times it estimates
     ``tr(A)`` (:meth:`SpectralDensity.trace_estimate`).
 
-    Cost: ``n_v · m`` products (fewer when a Krylov space becomes invariant), ``P · n_v · m`` memory.
+    Cost: ``n_v · m`` products, ``P · n_v · m`` memory. No step reads a value on the host (the coefficients
+    come over in one transfer at the end), so a probe whose Krylov space becomes invariant before ``m`` steps
+    keeps multiplying a zero vector; ``num_matvecs`` counts the products that entered the quadrature, ``n_v``
+    times the steps each probe took.
 
     Args:
         op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device``.
@@ -177,7 +180,7 @@ def spectral_density(
         >>> round(float(density.weights.sum()), 12), round(density.moment(1), 12)
         (1.0, 2.0)
     """
-    operand = Operand(op)
+    operand = Operand(op, deferred=True)
     check_count(num_probes, "num_probes")
     check_count(num_steps, "num_steps")
     check_distribution(distribution)
@@ -193,5 +196,5 @@ def spectral_density(
         owner.append(torch.full((m,), p, dtype=torch.long))
     return SpectralDensity(
         nodes=torch.cat(nodes), weights=torch.cat(weights), probe=torch.cat(owner), size=operand.size,
-        num_probes=num_probes, num_matvecs=operand.num_matvecs,
+        num_probes=num_probes, num_matvecs=run.num_matvecs,
     )

@@ -72,7 +72,7 @@ def diagonal(
         >>> diagonal(A, method="hutchinson", num_matvecs=2, generator=torch.Generator().manual_seed(0)).value
         tensor([1., 2., 3., 4., 5.], dtype=torch.float64)
     """
-    operand = Operand(op)
+    operand = Operand(op, deferred=True)
     if method not in DIAGONAL_METHODS:
         raise ValueError(f"method must be one of {DIAGONAL_METHODS}, got {method!r}.")
     check_distribution(distribution)
@@ -94,7 +94,11 @@ def diagonal(
 
 
 def _per_entry(total: torch.Tensor, total_sq: torch.Tensor, count: int, operand: Operand) -> Estimate:
-    """Mean and standard error per entry from float64 sums of ``count`` estimates and of their squares."""
+    """Mean and standard error per entry from float64 sums of ``count`` estimates and of their squares.
+
+    The results stay on the operator's device; the one host read is the check that every product was finite.
+    """
+    operand.check()
     mean = total / count
     variance = ((total_sq - count * mean.pow(2)) / (count - 1)).clamp_min(0)
     return Estimate(
@@ -105,6 +109,7 @@ def _per_entry(total: torch.Tensor, total_sq: torch.Tensor, count: int, operand:
 
 def _exact(operand: Operand) -> Estimate:
     value = exact_diagonal(operand)
+    operand.check()
     return Estimate(value=value, std_error=torch.zeros_like(value), num_matvecs=operand.num_matvecs)
 
 

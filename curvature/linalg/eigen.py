@@ -10,7 +10,7 @@ import torch
 
 from .._checks import check_count, check_scalar
 from ..sampling import probes, resolve_generator
-from ._operand import Operand
+from ._operand import CHECK_EVERY, Operand, until_check
 
 __all__ = ["EigenResult", "eigenvalues"]
 
@@ -27,7 +27,8 @@ class EigenResult:
             ``"smallest"``: ascending, ``"magnitude"``: descending ``|λ|``).
         vectors: The unit eigenvectors as the columns of a ``(P, k)`` tensor in the operator's dtype.
         residuals: Residual norms ``‖A x_i − λ_i x_i‖`` (float64, ``(k,)``).
-        num_matvecs: Products spent.
+        num_matvecs: Products spent, including up to 10 dropped after the step that stopped the method, and
+            as many after each invariant subspace (see :func:`eigenvalues`).
         converged: Whether every residual met the tolerance within the product budget.
     """
 
@@ -82,6 +83,15 @@ def eigenvalues(
     than ``k`` it can settle on converged eigenpairs that are not the extreme ones (seen for
     ``which="magnitude"`` with ``num_vectors = k + 3``): keep ``num_vectors ≥ 2k``, as the default does.
 
+    Convergence is tested every 8 steps (iterations for ``"power"``) to avoid a host synchronisation per
+    product on GPUs: the steps run on the device, and the host reads their coefficients in one transfer after
+    steps 1, 2, 3, 4, 6, 9, 13, 19, 27 and then every 8, and at each thick restart (up to 11 steps apart, so as
+    not to check just before one). It then replays the steps one at a time, so the eigenpairs are those a
+    test after every step gives; the steps run after the one that stopped, or that found an invariant space,
+    are dropped: at most 10 products each time, which count in ``num_matvecs``. With ``num_vectors`` close
+    to ``k``, restarts come every few steps, and with them the host reads. Power iteration does its
+    Rayleigh-Ritz step at these checks only.
+
     Args:
         op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device``.
         k: The number of eigenpairs.
@@ -108,7 +118,7 @@ def eigenvalues(
         >>> result.values.round(decimals=8).tolist(), result.converged
         ([30.0, 29.0], True)
     """
-    operand = Operand(op)
+    operand = Operand(op, deferred=True)
     check_count(k, "k")
     if k > operand.size:
         raise ValueError(f"k={k} exceeds the operator's size {operand.size}.")
@@ -167,9 +177,27 @@ def _order(values: torch.Tensor, which: str) -> torch.Tensor:
     return torch.argsort(values.abs(), descending=True, stable=True)
 
 
-def _is_converged(residuals: torch.Tensor, values: torch.Tensor, tol: float, norm: float, dtype: torch.dtype) -> bool:
-    """``residual ≤ max(tol · |θ|, 100 ε ‖T‖)`` for every pair: relative, or at rounding level near 0."""
-    return bool((residuals <= (tol * values.abs()).clamp_min(100 * torch.finfo(dtype).eps * norm)).all())
+def _is_converged(
+    residuals: torch.Tensor, values: torch.Tensor, tol: float, norm: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``residual ≤ max(tol · |θ|, 100 ε ‖T‖)`` for every pair (a bool tensor): relative, or at rounding level."""
+    return (residuals <= (tol * values.abs()).clamp_min(100 * torch.finfo(dtype).eps * norm)).all()
+
+
+@dataclass
+class _Step:
+    """What the host knows after Lanczos step ``m``, as the loop of :func:`_thick_restart_lanczos` used it."""
+
+    m: int
+    theta: torch.Tensor
+    S: torch.Tensor
+    order: torch.Tensor
+    wanted: torch.Tensor
+    residuals: torch.Tensor
+    norm: torch.Tensor
+    beta: torch.Tensor  # 0 when exhausted
+    exhausted: torch.Tensor
+    stop: torch.Tensor
 
 
 def _thick_restart_lanczos(
@@ -182,6 +210,15 @@ def _thick_restart_lanczos(
     v0: torch.Tensor | None,
     ncv: int,
 ) -> EigenResult:
+    """Thick-restart Lanczos, expanding the basis by several steps on the device between two host checks.
+
+    A step's product, reorthogonalization and normalization need nothing from the host. After a batch of
+    steps (:func:`~curvature.linalg._operand.until_check`, never past a restart), their coefficients come to
+    the host in one transfer, and the host replays the steps one by one exactly as a loop with a check per
+    step would: Ritz values, convergence, invariant subspaces. At the first step where that loop would stop or
+    continue from a fresh vector, the replay does so, and the steps computed after it are dropped (their
+    products are counted, their vectors overwritten).
+    """
     size, eps = operand.size, torch.finfo(operand.dtype).eps
     V = operand.zeros(size, ncv + 1)
     T = torch.zeros(ncv, ncv, dtype=torch.float64)
@@ -189,68 +226,116 @@ def _thick_restart_lanczos(
     V[:, 0] = start / start.norm()
     j = 0  # index of the vector to expand next; V[:, :j] and T[:j, :j] are in place
     keep = min(ncv - 1, k + (ncv - k) // 2)  # Ritz vectors kept at a restart
-    norm = 0.0
+    norm = torch.zeros((), dtype=torch.float64)
     previous = None  # the wanted Ritz values at the last invariant subspace
+    steps = 0  # steps taken in this call, dropped ones included
     while True:
-        w = operand @ V[:, j]
-        basis = V[:, : j + 1]
-        coef = basis.T @ w
-        w = w - basis @ coef
-        coef2 = basis.T @ w
-        w = w - basis @ coef2
-        column = (coef + coef2).double().cpu()
-        T[: j + 1, j] = column
-        T[j, : j + 1] = column
-        beta = float(w.norm())
-        m = j + 1
-        theta, S = torch.linalg.eigh(T[:m, :m])
-        norm = max(norm, float(theta.abs().max()), beta)
-        exhausted = m == size or beta <= 100 * eps * norm
-        if exhausted:
-            beta = 0.0
-        order = _order(theta, which)
-        residuals = beta * S[m - 1].abs()
-        wanted = order[:k]
-        done = m >= k and _is_converged(residuals[wanted], theta[wanted], tol, norm, operand.dtype)
-        # An invariant Krylov space holds one copy of each eigenvalue it reaches. After the first one, look
-        # once more from a random vector orthogonal to it (coupling 0): that finds further copies of repeated
-        # eigenvalues and eigenvalues the start vector missed, and stop only when it changes nothing wanted.
-        settled = exhausted and m >= k and (
-            m == size
-            or (previous is not None and bool(((previous - theta[wanted]).abs() <= 64 * eps * norm).all()))
-        )
-        if m >= k and (done and not exhausted or settled or operand.num_matvecs >= max_matvecs):
-            vectors = V[:, :m] @ S[:, wanted].to(V)
-            return _finish(operand, theta[wanted], vectors, residuals[wanted], tol, norm)
+        count = min(until_check(steps), ncv - j)
+        if count == CHECK_EVERY and ncv - j - count < CHECK_EVERY // 2:
+            count = ncv - j  # no check just before a restart, which needs one anyway
+        count = min(count, max(1, max_matvecs - operand.num_matvecs))
+        columns, betas = [], []
+        for jj in range(j, j + count):
+            w = operand @ V[:, jj]
+            basis = V[:, : jj + 1]
+            coef = basis.T @ w
+            w = w - basis @ coef
+            coef2 = basis.T @ w
+            w = w - basis @ coef2
+            beta = w.norm()
+            columns.append((coef + coef2).double())
+            betas.append(beta)
+            V[:, jj + 1] = w / torch.where(beta > 0, beta, 1.0)  # replaced below if β is at rounding level
+        steps += count
+        *columns, betas = operand.fetch(*columns, torch.stack(betas))
+        used = operand.num_matvecs - count
+        replay = []
+        for i, column in enumerate(columns):
+            step = _replay(T, column, betas[i], norm, previous, k, which, tol, used + i + 1 >= max_matvecs,
+                           size, eps, operand.dtype)
+            norm = step.norm
+            replay.append(step)
+        flags = torch.stack([torch.stack([step.stop, step.exhausted]) for step in replay]).tolist()
+        first = next((i for i, (stop, exhausted) in enumerate(flags) if stop or exhausted), len(flags) - 1)
+        step, (stop, exhausted) = replay[first], flags[first]
+        m, beta, wanted, norm = step.m, step.beta, step.wanted, step.norm  # the later steps are dropped
+        if stop:
+            vectors = V[:, :m] @ step.S[:, wanted].to(V)
+            return _finish(operand, step.theta[wanted], vectors, step.residuals[wanted], tol, step.norm)
         if exhausted:
             # Continue from a random vector orthogonal to the invariant space, with coupling 0.
-            previous = theta[wanted].clone() if m >= k else None
+            previous = step.theta[wanted].clone() if m >= k else None
             w = probes("gaussian", size, generator, operand.dtype, operand.device)
             basis = V[:, :m]
             w = w - basis @ (basis.T @ w)
             w = w - basis @ (basis.T @ w)
             V[:, m] = w / w.norm()
-        else:
-            V[:, m] = w / beta
         if m < ncv:
             T[m - 1, m] = T[m, m - 1] = beta
             j = m
             continue
         # Thick restart: keep the `keep` wanted Ritz vectors and the next direction (the residual, or the
         # fresh vector after an invariant space), coupled to them by β times the Ritz vectors' last entries.
-        kept = order[:keep]
-        V[:, :keep] = V[:, :m] @ S[:, kept].to(V)
+        kept = step.order[:keep]
+        V[:, :keep] = V[:, :m] @ step.S[:, kept].to(V)
         V[:, keep] = V[:, m]
         T.zero_()
-        T[:keep, :keep] = torch.diag(theta[kept])
-        T[keep, :keep] = T[:keep, keep] = beta * S[m - 1, kept]
+        T[:keep, :keep] = torch.diag(step.theta[kept])
+        T[keep, :keep] = T[:keep, keep] = beta * step.S[m - 1, kept]
         j = keep
 
 
+def _replay(
+    T: torch.Tensor,
+    column: torch.Tensor,
+    beta: torch.Tensor,
+    norm: torch.Tensor,
+    previous: torch.Tensor | None,
+    k: int,
+    which: str,
+    tol: float,
+    budget_spent: bool,
+    size: int,
+    eps: float,
+    dtype: torch.dtype,
+) -> _Step:
+    """Enter a step's coefficients into ``T`` and decide on the host what a check after it would (no reads)."""
+    m = column.numel()
+    T[:m, m - 1] = column
+    T[m - 1, :m] = column
+    theta, S = torch.linalg.eigh(T[:m, :m])
+    norm = torch.maximum(torch.maximum(norm, theta.abs().max()), beta)
+    exhausted = (beta <= 100 * eps * norm) | (m == size)
+    beta = torch.where(exhausted, 0.0, beta)
+    order = _order(theta, which)
+    residuals = beta * S[m - 1].abs()
+    wanted = order[:k]
+    no = torch.zeros((), dtype=torch.bool)
+    if m < k:
+        return _Step(m, theta, S, order, wanted, residuals, norm, beta, exhausted, no)
+    done = _is_converged(residuals[wanted], theta[wanted], tol, norm, dtype)
+    # An invariant Krylov space holds one copy of each eigenvalue it reaches. After the first one, look once
+    # more from a random vector orthogonal to it (coupling 0): that finds further copies of repeated
+    # eigenvalues and eigenvalues the start vector missed, and stop only when it changes nothing wanted.
+    if m == size:
+        settled = exhausted
+    elif previous is not None:
+        settled = exhausted & ((previous - theta[wanted]).abs() <= 64 * eps * norm).all()
+    else:
+        settled = no
+    stop = (done & ~exhausted) | settled | budget_spent
+    return _Step(m, theta, S, order, wanted, residuals, norm, beta, exhausted, stop)
+
+
 def _finish(
-    operand: Operand, values: torch.Tensor, vectors: torch.Tensor, residuals: torch.Tensor, tol: float, norm: float
+    operand: Operand,
+    values: torch.Tensor,
+    vectors: torch.Tensor,
+    residuals: torch.Tensor,
+    tol: float,
+    norm: torch.Tensor,
 ) -> EigenResult:
-    converged = _is_converged(residuals, values, tol, norm, operand.dtype)
+    converged = bool(_is_converged(residuals, values, tol, norm, operand.dtype))
     return EigenResult(
         values=values.clone(), vectors=vectors, residuals=residuals.clone(), num_matvecs=operand.num_matvecs,
         converged=converged,
@@ -265,20 +350,33 @@ def _power(
     generator: torch.Generator | None,
     v0: torch.Tensor | None,
 ) -> EigenResult:
+    """Block power iteration; the Rayleigh-Ritz step and the convergence test run at the host checks only.
+
+    Between checks the block is only multiplied and re-orthonormalized on the device. At a check, ``G = Xᵀ A X``
+    and the Gram matrix of ``E = A X − X G`` come over in one transfer: the Ritz pairs are ``(θ_i, X s_i)``
+    for the eigenpairs of ``G``, and their residuals ``‖A X s_i − θ_i X s_i‖ = ‖E s_i‖`` (as ``G s_i = θ_i s_i``).
+    """
     X = probes("gaussian", (operand.size, k), generator, operand.dtype, operand.device)
     if v0 is not None:
         X[:, 0] = v0
     X = torch.linalg.qr(X).Q
-    norm = 0.0
+    norm = torch.zeros((), dtype=torch.float64)
+    iterations = 0
     while True:
+        count = min(until_check(iterations), (max_matvecs - operand.num_matvecs) // k)
+        for _ in range(count - 1):
+            X = torch.linalg.qr(operand @ X).Q
         Y = operand @ X
-        theta, S = torch.linalg.eigh((X.T @ Y).double().cpu())
+        iterations += count
+        G = X.T @ Y
+        E = Y - X @ G
+        G, gram = operand.fetch(G, E.T @ E)
+        theta, S = torch.linalg.eigh(G)
         order = _order(theta, "magnitude")
-        theta, S = theta[order], S[:, order].to(X)
-        X, Y = X @ S, Y @ S
-        residuals = (Y - X * theta.to(X)).norm(dim=0).double().cpu()
-        norm = max(norm, float(theta.abs().max()))
-        converged = _is_converged(residuals, theta, tol, norm, operand.dtype)
+        theta, S = theta[order], S[:, order]
+        residuals = (S * (gram @ S)).sum(0).clamp_min(0).sqrt()
+        norm = torch.maximum(norm, theta.abs().max())
+        converged = bool(_is_converged(residuals, theta, tol, norm, operand.dtype))
         if converged or operand.num_matvecs + k > max_matvecs:
-            return _finish(operand, theta, X, residuals, tol, norm)
+            return _finish(operand, theta, X @ S.to(X), residuals, tol, norm)
         X = torch.linalg.qr(Y).Q

@@ -32,7 +32,9 @@ class LanczosResult:
         residual_norm: ``β_m = ‖A q_m − α_m q_m − β_{m−1} q_{m−1}‖``, the size of the part of ``A q_m``
             outside the basis (0 when the Krylov space is invariant).
         basis: The orthonormal basis ``Q`` of shape ``(P, m)`` in the operator's dtype, or None when not kept.
-        num_matvecs: Products spent (``m``).
+        num_matvecs: Products that entered the result (``m``). When an invariant subspace ends the process
+            early, the operator is still applied to a zero vector for the remaining steps, so that no step
+            waits for the host; its own counter shows those products too.
     """
 
     alpha: torch.Tensor
@@ -68,10 +70,13 @@ def lanczos(
     The eigenvalues of ``T_m`` (Ritz values) approximate the extreme eigenvalues of ``A``, and
     ``(e_1ᵀ U)²`` over its eigenvectors ``U`` are the Gauss quadrature weights of the spectral measure of
     ``A`` seen from ``v0`` (the basis of stochastic Lanczos quadrature, Golub & Meurant 2010). The
-    process stops early when ``β`` vanishes (the Krylov space is invariant, so every Ritz value is an exact
+    process ends early when ``β`` vanishes (the Krylov space is invariant, so every Ritz value is an exact
     eigenvalue).
 
-    Cost: one product per step, ``O(P m²)`` flops and ``P m`` memory for the reorthogonalization.
+    Cost: one product per step, ``O(P m²)`` flops and ``P m`` memory for the reorthogonalization. No step
+    reads a value on the host: the test for an invariant subspace runs on the operator's device, and the
+    coefficients come to the host in one transfer at the end. After an invariant subspace the remaining
+    steps multiply a zero vector (their products are wasted, but a GPU never waits for the host).
 
     Args:
         op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device`` (a curvature operator
@@ -94,7 +99,7 @@ def lanczos(
         >>> torch.linalg.eigvalsh(result.tridiagonal()).round(decimals=10).tolist()
         [1.0, 2.0, 3.0, 4.0, 5.0]
     """
-    operand = Operand(op)
+    operand = Operand(op, deferred=True)
     check_count(num_steps, "num_steps")
     if num_steps > operand.size:
         raise ValueError(f"num_steps={num_steps} exceeds the operator's size {operand.size}; use at most that.")
@@ -110,24 +115,33 @@ def lanczos(
         beta=run.beta[0, : m - 1].clone(),
         residual_norm=float(run.beta[0, m - 1]),
         basis=run.basis[0, :m].T.contiguous() if keep_basis else None,
-        num_matvecs=operand.num_matvecs,
+        num_matvecs=run.num_matvecs,
     )
+
+
+_FIRST_CHECK = 8  # the first step after which lanczos_many asks whether every process is finished
 
 
 @dataclass(frozen=True)
 class _Many:
-    alpha: torch.Tensor  # (b, m) float64
-    beta: torch.Tensor  # (b, m) float64: beta[:, j] couples steps j and j + 1; beta[:, len - 1] is the residual
+    alpha: torch.Tensor  # (b, m) float64 on the CPU
+    beta: torch.Tensor  # (b, m) float64 on the CPU: beta[:, j] couples steps j, j + 1; beta[:, len - 1]: the residual
     lengths: list[int]  # steps taken per start vector
-    basis: torch.Tensor  # (b, m, P)
+    num_matvecs: int  # products that entered the coefficients: the sum of the lengths
+    basis: torch.Tensor  # (b, m, P) on the operator's device; rows past a process's length are zero
 
 
 def lanczos_many(operand: Operand, V0: torch.Tensor, num_steps: int) -> _Many:
-    """Run independent Lanczos processes from the columns of ``V0`` in lockstep.
+    """Run independent Lanczos processes from the columns of ``V0`` in lockstep, without host synchronisation.
 
-    Each step multiplies the still-active columns together (one ``op @ V`` of ``b`` columns, which the
-    curvature operators evaluate in one vectorized pass); a process whose ``β`` vanishes stops and takes no
-    further products.
+    Each step multiplies the columns together (one ``op @ V`` of ``b`` columns, which the curvature operators
+    evaluate in one vectorized pass). A process whose ``β`` vanishes (an invariant Krylov space) is finished:
+    its length is recorded on the device and its column is zero from then on, so that no step needs to read
+    ``β`` on the host. Every step therefore multiplies all ``b`` columns; the coefficients, the lengths and
+    the finiteness of the products come to the host in one transfer at the end. Only after steps 8, 16, 32,
+    ... is one flag read, to stop once every process is finished (a low-rank GGN or empirical Fisher): the
+    reads grow with the logarithm of ``num_steps``, and at most half of the products are spent on finished
+    processes.
 
     Args:
         operand: The validated operator.
@@ -138,52 +152,49 @@ def lanczos_many(operand: Operand, V0: torch.Tensor, num_steps: int) -> _Many:
         The per-process coefficients, lengths and bases.
     """
     size, b = V0.shape
+    device = V0.device
     norms = V0.norm(dim=0)
     if bool((norms == 0).any()):
         raise ValueError("the Lanczos start vector is zero; pass a nonzero v0.")
     eps = torch.finfo(operand.dtype).eps
     # One contiguous (m, P) basis per process, so that the reorthogonalization is two batched matrix
-    # products over the processes (no copy of the basis while every process is active).
+    # products over the processes.
     basis = V0.new_zeros(b, num_steps, size)
     basis[:, 0] = (V0 / norms).T
-    alpha = torch.zeros(b, num_steps, dtype=torch.float64)
-    beta = torch.zeros(b, num_steps, dtype=torch.float64)
-    lengths = [num_steps] * b
-    active = list(range(b))
-    scale = torch.zeros(b, dtype=torch.float64)  # running estimate of ‖T‖ per process
+    alpha = torch.zeros(b, num_steps, dtype=torch.float64, device=device)
+    beta = torch.zeros(b, num_steps, dtype=torch.float64, device=device)
+    lengths = torch.full((b,), num_steps, dtype=torch.long, device=device)
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    scale = torch.zeros(b, dtype=torch.float64, device=device)  # running estimate of ‖T‖ per process
     for j in range(num_steps):
-        if len(active) == b:
-            Q = basis[:, : j + 1]  # (a, j + 1, P), a view
-        else:
-            Q = basis[torch.tensor(active, device=V0.device), : j + 1]
-        W = (operand @ Q[:, j].T).T.unsqueeze(2)  # (a, P, 1)
+        Q = basis[:, : j + 1]  # (b, j + 1, P), a view
+        W = (operand @ Q[:, j].T).T.unsqueeze(2)  # (b, P, 1); zero for finished processes
         # Classical Gram-Schmidt against the whole basis, twice.
         coef = torch.bmm(Q, W)
         W = W - torch.bmm(Q.transpose(1, 2), coef)
         coef2 = torch.bmm(Q, W)
         W = W - torch.bmm(Q.transpose(1, 2), coef2)
-        W = W.squeeze(2)  # (a, P)
-        a_j = (coef[:, j, 0] + coef2[:, j, 0]).double().cpu()
-        b_j = W.norm(dim=1).double().cpu()
-        still = []
-        for row, proc in enumerate(active):
-            alpha[proc, j] = a_j[row]
-            beta[proc, j] = b_j[row]
-            scale[proc] = max(float(scale[proc]), abs(float(a_j[row])), float(b_j[row]))
-            invariant = float(b_j[row]) <= 100 * eps * float(scale[proc])
-            if invariant or j + 1 == num_steps or j + 1 == size:
-                lengths[proc] = j + 1
-                if invariant or j + 1 == size:
-                    beta[proc, j] = 0.0
-            else:
-                still.append((row, proc))
-        if not still:
+        W = W.squeeze(2)  # (b, P)
+        a_j = (coef[:, j, 0] + coef2[:, j, 0]).double()
+        b_j = W.norm(dim=1).double()
+        scale = torch.maximum(scale, torch.maximum(a_j.abs(), b_j))
+        invariant = b_j <= 100 * eps * scale
+        alpha[:, j] = torch.where(active, a_j, 0.0)
+        beta[:, j] = torch.where(active & ~invariant & (j + 1 < size), b_j, 0.0)
+        if j + 1 == num_steps:
             break
-        rows = torch.tensor([r for r, _ in still], device=V0.device)
-        procs = torch.tensor([p for _, p in still], device=V0.device)
-        basis[procs, j + 1] = W[rows] / W[rows].norm(dim=1, keepdim=True)
-        active = [p for _, p in still]
-    return _Many(alpha=alpha, beta=beta, lengths=lengths, basis=basis)
+        lengths = torch.where(active & invariant, j + 1, lengths)
+        active = active & ~invariant
+        if j + 1 >= _FIRST_CHECK and (j + 1) & j == 0 and not bool(active.any()):
+            break  # every process is finished: at a power of two, so at most half of the products are wasted
+        # Divide by 1 where the process is finished (its β may be 0), then zero its column. (The norm of the
+        # row-major copy can differ from β in the last bit; it is the one that makes the new vector a unit one.)
+        safe = torch.where(active, W.contiguous().norm(dim=1), 1.0)
+        basis[:, j + 1] = W / safe.unsqueeze(1) * active.unsqueeze(1).to(W.dtype)
+    values = operand.fetch_floats(alpha, beta, lengths)
+    host = torch.tensor(values[: 2 * b * num_steps], dtype=torch.float64).reshape(2, b, num_steps)
+    steps = [int(n) for n in values[2 * b * num_steps :]]
+    return _Many(alpha=host[0], beta=host[1], lengths=steps, num_matvecs=sum(steps), basis=basis)
 
 
 def _tridiagonal(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from .._checks import check_count, check_scalar
-from ._operand import Operand
+from ._operand import Operand, until_check
 
 __all__ = ["SolveResult", "solve"]
 
@@ -36,7 +36,7 @@ class SolveResult:
         num_matvecs: Products spent: ``iterations``, plus one when ``x0`` was given (for ``b − A x0``),
             plus one or two when MINRES checked its final residual (see ``residual_norm``); 0 when ``b = 0``.
         converged: True when the relative residual :math:`\|b - A x\| \le \mathrm{tol}\, \|b\|` was
-            met. False with ``iterations < max_iter`` when MINRES stopped short of ``tol``: at a least-squares
+            met. False, also before ``max_iter``, when MINRES stopped short of ``tol``: at a least-squares
             solution of an inconsistent system (``residual_norm`` is then the least-squares residual), at an
             invariant subspace or its size limit, or when its final check of the residual found it above
             ``tol`` (see :func:`solve`).
@@ -45,8 +45,10 @@ class SolveResult:
             can drift further, so MINRES computes the residual afresh (one or two products) when it cannot vouch
             for it: when it ends short of ``tol`` with :math:`\varepsilon \|A\| \|x\|` above 1% of it, after its
             size test, or when its estimate of :math:`\kappa(A)` reaches :math:`1/\sqrt{\varepsilon}`.
-        iterations: Iterations started, each costing one product. For CG that met negative curvature the
-            last iteration's product found it and ``x`` was not moved along it.
+        iterations: Iterations run, each costing one product: up to the one whose test stopped the method
+            (for CG that met negative curvature, that iteration's product found it and ``x`` was not moved
+            along it), and after it at most 7 more that ran before the host read the test's outcome, which
+            leave ``x`` as it is (see :func:`solve`).
         negative_curvature: True when CG met a direction :math:`p` with :math:`p^\top A p \le 0` and
             stopped there; always False for MINRES.
     """
@@ -141,9 +143,15 @@ def solve(
     ``converged`` and ``residual_norm`` hold for the returned ``x``. The solve is not differentiable: ``b``
     and ``x0`` are detached.
 
+    Both run their iterations on the device and read the outcome of the stopping tests on the host after
+    iterations 1, 2, 3, 4, 6, 9, 13, 19, 27 and then every 8 (convergence is tested every 8 iterations to
+    avoid a host synchronisation per product on GPUs): a solve that stops after ``k`` iterations runs up to
+    ``min(7, k / 2)`` more, which change nothing (``x``, the residual and the flags are those of iteration
+    ``k``) but are counted in ``iterations`` and ``num_matvecs``.
+
     Cost: one product per iteration, plus one for :math:`b - A x_0` when ``x0`` is given, plus one or two
     when MINRES checks its final residual (above); none when ``b = 0`` (the solution is 0). Memory: about
-    six vectors of size :math:`P` (CG) or nine (MINRES).
+    six vectors of size :math:`P` (CG) or ten (MINRES).
 
     Args:
         op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device``: a curvature operator,
@@ -180,7 +188,7 @@ def solve(
     """
     if not isinstance(method, str) or method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
-    operand = Operand(op)
+    operand = Operand(op, deferred=True)
     b = operand.check_vector(b, "b").detach()
     tol = check_scalar(tol, "tol")
     if tol <= 0:
@@ -211,32 +219,41 @@ def solve(
 
 
 def _cg(operand: Operand, x: torch.Tensor, r: torch.Tensor, threshold: float, max_iter: int) -> SolveResult:
-    """Conjugate gradients from ``x`` with residual ``r = b - A x``; one host sync per iteration."""
+    """Conjugate gradients from ``x`` with residual ``r = b - A x``, reading its state on the host at checks only.
+
+    Every iteration computes its step and its stopping tests on the device; once a test has fired (converged,
+    or negative curvature), the later iterations of the batch leave ``x``, ``r`` and ``p`` as they are. The
+    host reads the flags and ``rᵀr`` in one transfer per check (:func:`~curvature.linalg._operand.until_check`).
+    """
     rs = torch.dot(r, r)
-    rs_host = float(rs)
+    (rs_host,) = operand.fetch_floats(rs)
     converged = math.sqrt(rs_host) <= threshold
     negative_curvature = False
     iterations = 0
     p = r.clone()
-    while not converged and iterations < max_iter:
-        Ap = operand @ p
-        iterations += 1
-        pAp = torch.dot(p, Ap)
-        # Compute the step before knowing the sign of pAp, so that one transfer brings both pAp and the new
-        # residual norm to the host; the step is discarded if the curvature turns out non-positive.
-        alpha = rs / pAp
-        x_new = x + alpha * p
-        r_new = r - alpha * Ap
-        rs_new = torch.dot(r_new, r_new)
-        pAp_host, rs_new_host = torch.stack([pAp, rs_new]).tolist()
-        if not pAp_host > 0:
-            negative_curvature = True
-            break
-        x, r = x_new, r_new
-        converged = math.sqrt(rs_new_host) <= threshold
-        if not converged:
-            p = r + (rs_new / rs) * p
-        rs, rs_host = rs_new, rs_new_host
+    active = torch.ones((), dtype=torch.bool, device=r.device)  # no stopping test has fired yet
+    met = negative = torch.zeros((), dtype=torch.bool, device=r.device)
+    while not converged and not negative_curvature and iterations < max_iter:
+        count = min(until_check(iterations), max_iter - iterations)
+        for _ in range(count):
+            Ap = operand @ p
+            pAp = torch.dot(p, Ap)
+            alpha = rs / pAp
+            x_new = x + alpha * p
+            r_new = r - alpha * Ap
+            rs_new = torch.dot(r_new, r_new)
+            # A direction of non-positive curvature stops CG before x moves along it.
+            step = active & (pAp > 0)
+            negative = negative | (active & ~(pAp > 0))
+            done = step & (rs_new.double().sqrt() <= threshold)
+            met = met | done
+            x, r = torch.where(step, x_new, x), torch.where(step, r_new, r)
+            active = step & ~done
+            p = torch.where(active, r_new + (rs_new / rs) * p, p)
+            rs = torch.where(step, rs_new, rs)
+        iterations += count
+        met_host, negative_host, rs_host = operand.fetch_floats(met, negative, rs)
+        converged, negative_curvature = bool(met_host), bool(negative_host)
     return SolveResult(
         x=x,
         num_matvecs=operand.num_matvecs,
@@ -250,7 +267,7 @@ def _cg(operand: Operand, x: torch.Tensor, r: torch.Tensor, threshold: float, ma
 def _minres(
     operand: Operand, b: torch.Tensor, x0: torch.Tensor, r: torch.Tensor, tol: float, max_iter: int
 ) -> SolveResult:
-    r"""MINRES from ``x0`` with residual ``r = b - A x0``; one host sync per iteration.
+    r"""MINRES from ``x0`` with residual ``r = b - A x0``, reading its state on the host at checks only.
 
     Step :math:`k` of the Lanczos process gives column :math:`k` of :math:`\bar T_k`: :math:`\beta_k` above
     the diagonal, :math:`\alpha_k` on it and :math:`\beta_{k+1}` below. The two previous Givens rotations
@@ -271,8 +288,12 @@ def _minres(
       :math:`c_{k-1}` and the last row of :math:`Q_{k-1} T_k Q_{k-1}^\top` is
       :math:`\bar\gamma_k (Q_{k-1} e_k)^\top`, so :math:`\|\bar T_k Q_{k-1}^\top e_k\|^2 = \bar\gamma_k^2
       + c_{k-1}^2 \beta_{k+1}^2`.
-    * :math:`\|z_{k-1}\|` and :math:`\|d_{k-1}\|`, reduced on the device after step :math:`k-1` and brought
-      over with :math:`\alpha_k, \beta_{k+1}` in the same transfer.
+    * :math:`\|z_{k-1}\|`.
+
+    All of it is evaluated on the device, in float64 0-d tensors, with the same formulas as a loop on the host;
+    each stopping test sets a flag, after which the remaining iterations of the batch change nothing. The host
+    reads the flags and the few scalars it needs at the end in one transfer per check
+    (:func:`~curvature.linalg._operand.until_check`).
     """
     eps = torch.finfo(operand.dtype).eps
     # Relative to ‖A‖, what counts as zero for β (Lanczos breakdown) and for a singular value of A. At an
@@ -283,92 +304,110 @@ def _minres(
     # An iterate's recurrence residual is trusted while the rounding of b - A x, about ε‖A‖‖x‖, stays below
     # this fraction of it.
     honest = 1e-2
-    threshold = tol * float(b.norm())
-    beta_1 = beta_host = float(r.norm())  # β_1 = ‖r_0‖
-    phi_bar = beta_host
-    if phi_bar <= threshold:
-        return SolveResult(x=x0, num_matvecs=operand.num_matvecs, converged=True, residual_norm=phi_bar, iterations=0)
-    x0_norm = float(x0.norm())
+    b_norm, beta_1, x0_norm = operand.fetch_floats(b.norm(), r.norm(), x0.norm())  # β_1 = ‖r_0‖
+    threshold = tol * b_norm
+    if beta_1 <= threshold:
+        return SolveResult(x=x0, num_matvecs=operand.num_matvecs, converged=True, residual_norm=beta_1, iterations=0)
+
+    # The recurrence's scalars live on the device as float64 0-d tensors (the values the host formulas used).
+    def scalar(value: float) -> torch.Tensor:
+        return torch.full((), value, dtype=torch.float64, device=r.device)
+
+    true, false = scalar(1.0) > 0, scalar(0.0) > 0
     v_prev = torch.zeros_like(r)
-    v = r / beta_host
+    v = r / beta_1
     z = torch.zeros_like(r)
     d_prev2, d_prev = torch.zeros_like(r), torch.zeros_like(r)
-    c_prev2, s_prev2, c_prev, s_prev = 1.0, 0.0, 1.0, 0.0  # the identity before the first rotation
-    coupling = 0.0  # β_k as an entry of T (above the diagonal); none in the first column
-    a_norm = 0.0  # running lower bound on ‖A‖: max_k ‖A v_k‖ = max_k √(β_k² + α_k² + β_{k+1}²)
-    d_max = 0.0  # max_k ‖d_k‖; ‖A d_k‖ = 1 in exact arithmetic, so Acond = ‖A‖ max_k ‖d_k‖ ≤ κ(A)
-    unmeasured: Optional[torch.Tensor] = None  # the last step's direction until the next transfer measures it
-    best: Optional[tuple[float, torch.Tensor]] = None  # (‖A r‖ / ‖r‖, z) of the least such trusted iterate
-    converged = breakdown = too_large = False
+    c_prev2, s_prev2, c_prev, s_prev = scalar(1.0), scalar(0.0), scalar(1.0), scalar(0.0)  # no rotation yet
+    beta = scalar(beta_1)  # β_k: multiplies v_{k-1} in the recurrence
+    coupling = scalar(0.0)  # β_k as an entry of T (above the diagonal); none in the first column
+    phi_bar = scalar(beta_1)
+    a_norm = scalar(0.0)  # running lower bound on ‖A‖: max_k ‖A v_k‖ = max_k √(β_k² + α_k² + β_{k+1}²)
+    d_max = scalar(0.0)  # max_k ‖d_k‖; ‖A d_k‖ = 1 in exact arithmetic, so Acond = ‖A‖ max_k ‖d_k‖ ≤ κ(A)
+    best_ar, best_z = scalar(math.inf), z  # ‖A r‖ / ‖r‖ and z of the least such trusted iterate
+    has_best, best_is_z = false, false  # whether there is one, and whether it is the final z
+    active, converged, breakdown, too_large = true, false, false, false
     iterations = 0
-    while not converged and iterations < max_iter:
-        w = operand @ v
-        iterations += 1
-        if iterations > 1:
-            w = w - beta_host * v_prev
-        alpha = torch.dot(v, w)
-        w = w - alpha * v
-        beta_next = w.norm()
-        host = torch.stack([alpha, beta_next, z.norm(), d_prev.norm()]).tolist()
-        alpha_host, beta_next_host, z_norm, d_norm = host
-        d_max, unmeasured = max(d_max, d_norm), None
-        a_norm = max(a_norm, math.sqrt(coupling**2 + alpha_host**2 + beta_next_host**2))
-        if small * a_norm * z_norm >= beta_1:
+    while iterations < max_iter:
+        count = min(until_check(iterations), max_iter - iterations)
+        for _ in range(count):
+            w = operand @ v
+            iterations += 1
+            if iterations > 1:
+                w = w - beta * v_prev
+            alpha = torch.dot(v, w)
+            w = w - alpha * v
+            beta_next = w.norm()
+            alpha_, beta_next_ = alpha.double(), beta_next.double()
+            z_norm = z.norm().double()
+            a_norm = torch.where(
+                active, torch.maximum(a_norm, (coupling**2 + alpha_**2 + beta_next_**2).sqrt()), a_norm
+            )
             # Size test (Paige & Saunders' bound on ‖x‖, at the 100 ε level used here for a zero singular
             # value). In exact arithmetic ‖z_k‖ = ‖R_k⁻¹ t_k‖ ≤ ‖r_0‖ / σ_min(A), so ‖z‖ ≥ ‖r_0‖ / (100 ε ‖A‖)
             # means that x moved along directions of numerically zero curvature.
-            too_large = True
+            large = small * a_norm * z_norm >= beta_1
+            too_large = too_large | (active & large)
+            going = active & ~large
+            # The previous two rotations applied to column k: (0, β_k, α_k) -> (ε_k, δ_k, γ̄_k).
+            epsilon = s_prev2 * coupling
+            delta_tmp = c_prev2 * coupling
+            delta = c_prev * delta_tmp + s_prev * alpha_
+            gamma_bar = -s_prev * delta_tmp + c_prev * alpha_
+            a_r = torch.hypot(gamma_bar, c_prev * beta_next_)  # ‖A r_{k-1}‖ / ‖r_{k-1}‖
+            trusted = eps * a_norm * (x0_norm + z_norm) <= honest * phi_bar.abs()
+            better = going & trusted & (a_r < best_ar)
+            best_ar, best_z = torch.where(better, a_r, best_ar), torch.where(better, z, best_z)
+            has_best, best_is_z = has_best | better, best_is_z | better
+            # Least-squares test: x_{k-1} is a least-squares solution to working accuracy. Step k would divide
+            # by γ_k ≥ a_r, tiny, and move x along a direction of near-zero curvature (on an inconsistent
+            # system, without end). This also covers a breakdown with a singular reduced system (γ_k ≤ 100 ε ‖A‖,
+            # Paige & Saunders' Acond test). Keep x_{k-1}.
+            going = going & ~(a_r <= ls_tol * a_norm)
+            gamma = torch.hypot(gamma_bar, beta_next_)  # ≥ a_r > 0 where going
+            c, s = gamma_bar / gamma, beta_next_ / gamma
+            d = (v - delta * d_prev - epsilon * d_prev2) / gamma
+            z = torch.where(going, z + (c * phi_bar) * d, z)
+            best_is_z = best_is_z & ~going
+            d_max = torch.where(going, torch.maximum(d_max, d.norm().double()), d_max)
+            phi_bar = torch.where(going, -s * phi_bar, phi_bar)
+            met = going & (phi_bar.abs() <= threshold)
+            # Lanczos breakdown: x is the exact minimizer over the space.
+            broke = going & (beta_next_ <= small * a_norm)
+            converged, breakdown = converged | met, breakdown | broke
+            active = going & ~met & ~broke
+            d_prev2, d_prev = torch.where(active, d_prev, d_prev2), torch.where(active, d, d_prev)
+            c_prev2, s_prev2 = torch.where(active, c_prev, c_prev2), torch.where(active, s_prev, s_prev2)
+            c_prev, s_prev = torch.where(active, c, c_prev), torch.where(active, s, s_prev)
+            v_prev, v = torch.where(active, v, v_prev), torch.where(active, w / beta_next, v)
+            coupling = beta = torch.where(active, beta_next_, beta)
+        host = operand.fetch_floats(active, converged, breakdown, too_large, phi_bar, a_norm, d_max, has_best,
+                                    best_is_z)
+        if not host[0]:
             break
-        # The previous two rotations applied to column k: (0, β_k, α_k) -> (ε_k, δ_k, γ̄_k).
-        epsilon = s_prev2 * coupling
-        delta_tmp = c_prev2 * coupling
-        delta = c_prev * delta_tmp + s_prev * alpha_host
-        gamma_bar = -s_prev * delta_tmp + c_prev * alpha_host
-        a_r = math.hypot(gamma_bar, c_prev * beta_next_host)  # ‖A r_{k-1}‖ / ‖r_{k-1}‖
-        if eps * a_norm * (x0_norm + z_norm) <= honest * abs(phi_bar) and (best is None or a_r < best[0]):
-            best = (a_r, z)
-        if a_r <= ls_tol * a_norm:
-            # Least-squares test: x_{k-1} is a least-squares solution to working accuracy. Step k would
-            # divide by γ_k ≥ a_r, tiny, and move x along a direction of near-zero curvature (on an
-            # inconsistent system, without end). This also covers a breakdown with a singular reduced system
-            # (γ_k ≤ 100 ε ‖A‖, Paige & Saunders' Acond test). Keep x_{k-1}.
-            break
-        gamma = math.hypot(gamma_bar, beta_next_host)  # ≥ a_r > 0
-        c, s = gamma_bar / gamma, beta_next_host / gamma
-        d = (v - delta * d_prev - epsilon * d_prev2) / gamma
-        z, unmeasured = z + (c * phi_bar) * d, d
-        phi_bar = -s * phi_bar
-        converged = abs(phi_bar) <= threshold
-        if beta_next_host <= small * a_norm:  # Lanczos breakdown: x is the exact minimizer over the space
-            breakdown = True
-            break
-        d_prev2, d_prev = d_prev, d
-        c_prev2, s_prev2, c_prev, s_prev = c_prev, s_prev, c, s
-        v_prev, v = v, w / beta_next_host
-        coupling = beta_host = beta_next_host
+    _, converged_, breakdown_, too_large_, phi_bar_, a_norm_, d_max_, has_best_, best_is_z_ = host
+    converged = bool(converged_)
     x = x0 + z
-    residual_norm = abs(phi_bar)
-    if unmeasured is not None:
-        d_max = max(d_max, float(unmeasured.norm()))
+    residual_norm = abs(phi_bar_)
     # Can the recurrence's residual still be taken for ‖b - A x‖? Not once ε Acond² ≥ 1: MINRES's can then be
     # off by as much as ‖b‖ (its gap grows like ε κ(A)² ‖b‖, Sleijpen, van der Vorst & Modersitzki 2000).
     # Nor, short of convergence, when the rounding ε‖A‖‖x‖ of b - A x is not small next to it: an inconsistent
     # system has then run on past its least-squares point, where x grows along near-null directions and the
     # recurrence parts from the truth (measured: 1e-3 against 6e13).
-    verify = too_large or eps * (a_norm * d_max) ** 2 >= 1
+    verify = bool(too_large_) or eps * (a_norm_ * d_max_) ** 2 >= 1
     x_norm: Optional[float] = None
-    if not verify and not converged and not breakdown:
-        x_norm = float(x.norm())
-        verify = eps * a_norm * x_norm > honest * residual_norm
+    if not verify and not converged and not breakdown_:
+        (x_norm,) = operand.fetch_floats(x.norm())
+        verify = eps * a_norm_ * x_norm > honest * residual_norm
     if verify:
         # Compute the true residual; if it misses tol, also that of the trusted iterate with the least
         # ‖A r‖ / ‖r‖, and keep that one unless the last is better by more than its rounding.
-        residual_norm = float((b - operand @ x).norm())
-        if residual_norm > threshold and best is not None and best[1] is not z:
-            x_norm = float(x.norm()) if x_norm is None else x_norm
-            x_best = x0 + best[1]
-            best_norm = float((b - operand @ x_best).norm())
-            if best_norm <= residual_norm + eps * a_norm * x_norm:
+        (residual_norm,) = operand.fetch_floats((b - operand @ x).norm())
+        if residual_norm > threshold and has_best_ and not best_is_z_:
+            (x_norm,) = operand.fetch_floats(x.norm()) if x_norm is None else (x_norm,)
+            x_best = x0 + best_z
+            (best_norm,) = operand.fetch_floats((b - operand @ x_best).norm())
+            if best_norm <= residual_norm + eps * a_norm_ * x_norm:
                 x, residual_norm = x_best, best_norm
         converged = residual_norm <= threshold
     return SolveResult(

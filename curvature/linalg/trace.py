@@ -1,7 +1,8 @@
 """Stochastic trace and Frobenius-norm estimators: Hutchinson, Hutch++ and XTrace.
 
 Each estimator spends a fixed number of products and reports its value with a standard error computed
-from the same products, so a result says how far it can be trusted.
+from the same products, so a result says how far it can be trusted. None reads a value on the host between
+its products (a host synchronisation on a GPU): the results come over in one transfer at the end.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def trace(
         >>> round(est.value, 8), est.num_matvecs
         (15.0, 15)
     """
-    operand = Operand(op)
+    operand = Operand(op, deferred=True)
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}.")
     check_distribution(distribution)
@@ -117,7 +118,7 @@ def trace(
         samples = torch.cat(
             [(Om * (operand @ Om)).sum(0) for Om in _probe_blocks(operand, num_matvecs, distribution, generator)]
         )
-        return _mean_estimate(samples, operand.num_matvecs)
+        return _mean_estimate(samples, operand)
     if method == "hutch++":
         return _hutchpp(operand, num_matvecs, distribution, generator)
     return _xtrace(operand, num_matvecs, distribution, generator)
@@ -155,15 +156,14 @@ def frobenius_norm(
         >>> frobenius_norm(A, num_matvecs=4, generator=torch.Generator().manual_seed(0)).value
         3.0
     """
-    operand = Operand(op)
+    operand = Operand(op, deferred=True)
     check_distribution(distribution)
     generator = resolve_generator(generator)
     check_count(num_matvecs, "num_matvecs", minimum=2)
     samples = torch.cat(
-        [(operand @ Om).double().pow(2).sum(0).cpu() for Om in _probe_blocks(operand, num_matvecs, distribution,
-                                                                              generator)]
+        [(operand @ Om).double().pow(2).sum(0) for Om in _probe_blocks(operand, num_matvecs, distribution, generator)]
     )
-    squared = _mean_estimate(samples, operand.num_matvecs)
+    squared = _mean_estimate(samples, operand)
     value = math.sqrt(max(squared.value, 0.0))
     std_error = squared.std_error / (2 * value) if value > 0 else 0.0
     return Estimate(value=value, std_error=std_error, num_matvecs=operand.num_matvecs)
@@ -178,10 +178,14 @@ def _probe_blocks(
         yield probes(distribution, (operand.size, width), generator, operand.dtype, operand.device)
 
 
-def _mean_estimate(samples: torch.Tensor, num_matvecs: int) -> Estimate:
-    samples = samples.double().cpu()
-    std_error = float(samples.std(correction=1) / math.sqrt(samples.numel())) if samples.numel() > 1 else math.inf
-    return Estimate(value=float(samples.mean()), std_error=std_error, num_matvecs=num_matvecs)
+def _mean_estimate(samples: torch.Tensor, operand: Operand, offset: torch.Tensor | None = None) -> Estimate:
+    """The mean of ``samples`` (plus ``offset``) and its standard error, read on the host in one transfer."""
+    samples = samples.double()
+    n = samples.numel()
+    stats = [samples.mean(), samples.std(correction=1) / math.sqrt(n) if n > 1 else samples.new_tensor(math.inf)]
+    mean, std_error, *rest = operand.fetch_floats(*stats, *([] if offset is None else [offset]))
+    value = rest[0] + mean if rest else mean
+    return Estimate(value=value, std_error=std_error, num_matvecs=operand.num_matvecs)
 
 
 def exact_diagonal(operand: Operand) -> torch.Tensor:
@@ -197,7 +201,7 @@ def exact_diagonal(operand: Operand) -> torch.Tensor:
 
 
 def _exact_trace(operand: Operand) -> Estimate:
-    total = float(exact_diagonal(operand).double().sum())
+    (total,) = operand.fetch_floats(exact_diagonal(operand).double().sum())
     return Estimate(value=total, std_error=0.0, num_matvecs=operand.num_matvecs)
 
 
@@ -205,13 +209,12 @@ def _hutchpp(operand: Operand, m: int, distribution: str, generator: torch.Gener
     sketch = min(m // 3, operand.size)
     S = probes(distribution, (operand.size, sketch), generator, operand.dtype, operand.device)
     Q = torch.linalg.qr(operand @ S).Q
-    low_rank = float((Q * (operand @ Q)).sum().double())
+    low_rank = (Q * (operand @ Q)).sum().double()
     samples = []
     for G in _probe_blocks(operand, m - 2 * sketch, distribution, generator):
         G = G - Q @ (Q.T @ G)
         samples.append((G * (operand @ G)).sum(0))
-    residual = _mean_estimate(torch.cat(samples), operand.num_matvecs)
-    return Estimate(value=low_rank + residual.value, std_error=residual.std_error, num_matvecs=operand.num_matvecs)
+    return _mean_estimate(torch.cat(samples), operand, offset=low_rank)
 
 
 def xtrace_samples(operand: Operand, n: int, distribution: str, generator: torch.Generator | None) -> dict:
@@ -226,9 +229,11 @@ def xtrace_samples(operand: Operand, n: int, distribution: str, generator: torch
     """
     Om = _full_rank_probes(operand, n, distribution, generator)
     Y = operand @ Om
+    operand.check()  # before the SVD, which refuses NaN
     Q, R = torch.linalg.qr(Y)
     U, sigma, _ = torch.linalg.svd(R)
-    rank = int((sigma > sigma[0] * n * torch.finfo(operand.dtype).eps).sum()) if float(sigma[0]) > 0 else 0
+    rank, top = operand.fetch_floats((sigma > sigma[0] * n * torch.finfo(operand.dtype).eps).sum(), sigma[0])
+    rank = int(rank) if top > 0 else 0
     S = None
     if rank < n:
         Q = Q @ U[:, :rank]
@@ -267,4 +272,4 @@ def _xtrace(operand: Operand, m: int, distribution: str, generator: torch.Genera
         a = -W + S * (S * W).sum(0)  # column i: coordinates in Q of u_i - ω_i
     # u_i = ω_i + Q a_i and A u_i = Y_i + Z a_i, so u_iᵀ A u_i in n-dimensional terms:
     quad = d + (M.T * a).sum(0) + (a * R).sum(0) + (a * (H @ a)).sum(0)
-    return _mean_estimate(low + quad, operand.num_matvecs)
+    return _mean_estimate(low + quad, operand)

@@ -20,8 +20,17 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .._checks import check_finite, common_dtype_device
 from .._func import model_outputs
+from .._modes import differentiable_attention, float32_precision
 from .base import LinearOperator
-from .data import Data, batch_size, floating_tensors, to_device
+from .data import (
+    Data,
+    ShardReduction,
+    batch_size,
+    floating_tensors,
+    resolve_process_group,
+    to_device,
+    unwrap_model,
+)
 from .losses import check_targets, infer_reduction, loss_kind, mean_count, resolve_reduction
 
 __all__ = ["CurvatureOperator", "select_parameters"]
@@ -163,6 +172,26 @@ class CurvatureOperator(LinearOperator):
             parameters or buffers change, in place or through ``p.data``.
         vectorize: Push the ``k`` columns of a ``matmat`` through the graph at once (vmap) instead of in
             a loop. Default: True on accelerators, False on CPU, where the loop measured faster.
+        process_group: Data-parallel curvature over ``torch.distributed`` ranks. None (default): this
+            process's ``data`` is all the data. ``"auto"``: the group of a ``DistributedDataParallel``
+            model, else the default group, when ``torch.distributed`` is initialized (else None). Or a
+            ``ProcessGroup``. Each rank passes its own shard as ``data`` (a loader with a
+            ``DistributedSampler`` or any per-rank iterable; a rank's shard may be empty) and the operator
+            is the curvature of the loss over the union of the shards: each product all-reduces the
+            ranks' weighted partial products once (:class:`~curvature.operators.data.ShardReduction`).
+            Every rank must build the operator and multiply the same vectors together, as with any
+            collective; estimators then need identically seeded generators on every rank. A
+            ``DistributedSampler`` pads shards with repeated samples unless ``drop_last=True`` or the data
+            divides evenly: the union then counts those samples twice.
+        verify: Checks that read values on the host at every product: the kept graphs are keyed on the
+            parameters' contents as well as their version counters (catching writes through ``p.data``),
+            every product is checked finite, and in a process group a rank whose vector differs raises.
+            Default: True on CPU, False on accelerators, where each such read stalls the device queue;
+            without them, call :meth:`clear_cache` after writing parameters through ``.data``, and a
+            vector that differs between ranks turns the product into NaN instead of raising.
+        allow_tf32: Let float32 products on CUDA use TensorFloat-32 matmuls and convolutions (faster on
+            Ampere and later GPUs, about 1e-3 relative error). Off by default, whatever the global flags say
+            (PyTorch enables it for cuDNN convolutions by default); the flags are restored after each product.
 
     Raises:
         TypeError: On a model that is not a module, a loss that is not callable, bad data or mixed dtypes.
@@ -180,7 +209,13 @@ class CurvatureOperator(LinearOperator):
         reduction: str | None = None,
         keep_graph: bool | None = None,
         vectorize: bool | None = None,
+        process_group: Any = None,
+        verify: bool | None = None,
+        allow_tf32: bool = False,
     ) -> None:
+        model, wrapper_group = unwrap_model(model)
+        if wrapper_group is not None and params is not None and not isinstance(params, (str, torch.Tensor)):
+            params = [p.removeprefix("module.") if isinstance(p, str) else p for p in params]
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not callable(loss_fn):
@@ -205,15 +240,22 @@ class CurvatureOperator(LinearOperator):
         self._shapes = [p.shape for p in self._params]
         super().__init__(sum(self._sizes), dtype, device, is_symmetric=True,
                          is_psd=self._known_psd())
-        for flag, value in (("keep_graph", keep_graph), ("vectorize", vectorize)):
+        for flag, value in (("keep_graph", keep_graph), ("vectorize", vectorize), ("verify", verify)):
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{flag} must be True, False or None (automatic), got {value!r}.")
+        if not isinstance(allow_tf32, bool):
+            raise TypeError(f"allow_tf32 must be True or False, got {allow_tf32!r}.")
+        self.allow_tf32 = allow_tf32
         self.keep_graph = self._data.single if keep_graph is None else keep_graph
         self.vectorize = self.device.type != "cpu" if vectorize is None else vectorize
+        self.verify = self.device.type == "cpu" if verify is None else verify
+        self.process_group = resolve_process_group(process_group, wrapper_group)
+        self._shards = ShardReduction(self.process_group, self.device) if self.process_group is not None else None
         self._cache: list[tuple[Any, float]] = []
         self._cache_complete = False
         self._cache_key: tuple[Any, ...] | None = None
-        self._validate_first_batch()
+        self._checked_key: tuple[Any, ...] | None = None  # the kept graphs whose global totals were checked
+        self._validate()
 
     # -- hooks for subclasses ----------------------------------------------------------------------
     def _check_loss_supported(self) -> None:
@@ -227,8 +269,11 @@ class CurvatureOperator(LinearOperator):
         """Build what the products of one batch need, from outputs computed with ``leaves``."""
 
     @abstractmethod
-    def _apply(self, ctx: Any, vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Return the batch curvature times ``vs`` (one ``(k, *shape)`` tensor per parameter)."""
+    def _apply(self, ctx: Any, vs: list[torch.Tensor], last_use: bool = False) -> list[torch.Tensor]:
+        """Return the batch curvature times ``vs`` (one ``(k, *shape)`` tensor per parameter).
+
+        With ``last_use`` the context is not used again (no kept graphs): its graph may be freed on the way.
+        """
 
     def _fresh_product(self, leaves: list[torch.Tensor], inputs: Any, targets: Any, index: int,
                        vs: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -284,7 +329,7 @@ class CurvatureOperator(LinearOperator):
         modes = tuple(m.training for m in self._modules_list)
         if modes != self._modes:
             check_deterministic(self.model)
-            self._validate_first_batch()
+            self._validate()
             self._modes = modes
             self.clear_cache()
 
@@ -295,9 +340,12 @@ class CurvatureOperator(LinearOperator):
         """Version and content sum of every parameter and buffer: the key of the kept graphs.
 
         Versions catch in-place updates (optimizers, ``load_state_dict``); the sums also catch writes
-        through ``p.data``, which bypass version counters. One O(P) reduction per product. Replaced
-        tensor objects and mode switches are handled before, by :meth:`_sync_with_model`.
+        through ``p.data``, which bypass version counters. One O(P) reduction per product, read on the
+        host: only with ``verify`` (see the class docstring). Replaced tensor objects and mode switches are
+        handled before, by :meth:`_sync_with_model`.
         """
+        if not self.verify:
+            return self._versions(), None
         with torch.no_grad():
             sums = torch.stack([t.sum().to(self.dtype) for _, _, t in self._slots if t.numel()])
         return self._versions(), tuple(sums.tolist())
@@ -359,6 +407,54 @@ class CurvatureOperator(LinearOperator):
                 )
             self.reduction = inferred or "mean"
 
+    def _validate(self) -> None:
+        if self._shards is None:
+            self._validate_first_batch()
+        else:
+            self._validate_on_every_rank()
+
+    def _validate_on_every_rank(self) -> None:
+        """Validate each rank's first batch, then agree: every rank raises if any rank failed.
+
+        One small all-reduce at construction, so that a bad shard on one rank raises everywhere instead of
+        leaving the other ranks waiting in the first product's all-reduce. A rank with an empty shard
+        passes; the ranks must agree on the reduction and the number of parameters.
+
+        Raises:
+            ValueError: If this rank's checks fail (its own error), another rank's did, every shard is
+                empty, or the ranks disagree on the reduction or the parameter count.
+        """
+        error: Exception | None = None
+        with self._rng_preserved():
+            has_data = any(True for _ in self._data)
+        if has_data:
+            try:
+                self._validate_first_batch()
+            except (ValueError, TypeError) as err:
+                error = err
+        reduction = {None: 0, "mean": 1, "sum": 2}[self.reduction]
+        table = self._shards.gather_rows(
+            [float(error is not None), float(has_data), float(reduction), float(self.shape[0])], self.device)
+        if error is not None:
+            raise error
+        failed = [r for r in range(len(table)) if table[r, 0]]
+        if failed:
+            raise ValueError(f"building the curvature operator failed on rank(s) {failed} of the process group; "
+                             "see the error raised there.")
+        if not table[:, 1].any():
+            raise ValueError("data is empty on every rank of the process group: no rank yielded a batch.")
+        if len(set(table[:, 3].tolist())) > 1:
+            counts = sorted({int(n) for n in table[:, 3].tolist()})
+            raise ValueError(f"the ranks' models have different numbers of selected parameters {counts}; every "
+                             "rank must hold the same model.")
+        known = {int(c) for c in table[:, 2].tolist()} - {0}
+        if len(known) > 1:
+            raise ValueError("the ranks inferred different reductions for loss_fn; pass reduction='mean' or 'sum'.")
+        if not known:
+            raise ValueError("cannot tell whether loss_fn averages or sums over a batch on any rank; pass "
+                             "reduction='mean' or reduction='sum'.")
+        self.reduction = {1: "mean", 2: "sum"}[known.pop()]
+
     def _check_batch(self, outputs: torch.Tensor, targets: Any) -> None:
         if self._kind != "other":
             check_targets(self._kind, self.loss_fn, outputs, targets)
@@ -412,17 +508,19 @@ class CurvatureOperator(LinearOperator):
             leaves = self._leaves()
             columns = self._fresh_product(leaves, inputs, targets, index, vs) if single else None
             if columns is None:
-                columns = self._apply(self._context(index, inputs, targets, leaves), vs)
+                columns = self._apply(self._context(index, inputs, targets, leaves), vs, last_use=True)
             yield columns, self._weight(targets, inputs)
 
     # -- the product ---------------------------------------------------------------------------------
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self._sync_with_model()
-        k = V.shape[1]
-        vs = [chunk.reshape(k, *shape) for chunk, shape in zip(V.T.split(self._sizes, dim=1), self._shapes)]
+    def _local_sum(self, vs: list[torch.Tensor], k: int) -> tuple[torch.Tensor | None, float | None, float, int]:
+        """Sum this process's batch products: ``(sum, first_weight, weight_sum, batches)``.
+
+        The scaling is deferred: while ``first_weight`` is not None, ``sum`` is the first batch's product
+        still unscaled (one batch needs no scaling at all); ``sum`` is None for data without a batch.
+        """
         total: torch.Tensor | None = None
-        first_weight: float | None = None  # the scaling is deferred: one batch needs none
-        weight_sum = 0.0
+        first_weight: float | None = None
+        weight_sum, batches = 0.0, 0
         with torch.enable_grad():
             for columns, weight in self._batch_products(vs):
                 # Products come out of autograd.grad without a graph: no no_grad() needed here.
@@ -436,20 +534,63 @@ class CurvatureOperator(LinearOperator):
                         first_weight = None
                     total.add_(flat, alpha=weight)
                 weight_sum += weight
-        if total is None:
-            raise ValueError("data is empty: it yielded no (inputs, targets) batch.")
+                batches += 1
+        return total, first_weight, weight_sum, batches
+
+    def _check_totals(self, weight_sum: float, batches: float, where: str) -> None:
+        if not batches:
+            raise ValueError(f"data is empty{where}: it yielded no (inputs, targets) batch.")
         if self.reduction == "mean" and weight_sum == 0:
-            raise ValueError("every target in the data is ignored (ignore_index), so the mean loss is undefined.")
-        if first_weight is None and self.reduction == "mean":
-            total = total.div_(weight_sum)
-        check_finite(
-            total, "the curvature product",
-            "the loss or its derivatives are not finite at these parameters; check the data and the model's "
-            "outputs (a log of 0?), or compute in float64.",
-        )
+            raise ValueError(f"every target in the data{where} is ignored (ignore_index), so the mean loss is "
+                             "undefined.")
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self._sync_with_model()
+        k = V.shape[1]
+        vs = [chunk.reshape(k, *shape) for chunk, shape in zip(V.T.split(self._sizes, dim=1), self._shapes)]
+        with float32_precision(self.device, self.dtype, self.allow_tf32), differentiable_attention():
+            total, first_weight, weight_sum, batches = self._local_sum(vs, k)
+        if self._shards is None:
+            self._check_totals(weight_sum, batches, "")
+            if first_weight is None and self.reduction == "mean":
+                total = total.div_(weight_sum)
+        else:
+            total = self._reduce(total, first_weight, weight_sum, batches, V)
+        if self.verify:
+            check_finite(
+                total, "the curvature product",
+                "the loss or its derivatives are not finite at these parameters; check the data and the "
+                "model's outputs (a log of 0?), or compute in float64.",
+            )
         return total.T.contiguous()
+
+    def _reduce(self, total: torch.Tensor | None, first_weight: float | None, weight_sum: float, batches: int,
+                V: torch.Tensor) -> torch.Tensor:
+        """All-reduce this rank's weighted partial product over the process group and normalize it."""
+        if total is not None and first_weight is not None:
+            total = total.mul(first_weight)  # the other ranks' batches need the weights
+        total, totals, digests = self._shards(total, V, weight_sum, batches)
+        same = (digests == digests[self._shards.rank]).all()
+        if self.verify:
+            if not bool(same):
+                differ = [r for r in range(len(digests)) if not torch.equal(digests[r], digests[0])]
+                raise ValueError(
+                    f"the vector multiplied differs between the ranks of the process group (rank(s) {differ} "
+                    "differ from rank 0), so their products cannot be added; every rank must multiply the "
+                    "same vector: give estimators identically seeded generators on every rank, e.g. "
+                    "torch.Generator().manual_seed(0), never generator=None."
+                )
+        else:  # no host read: a mismatch poisons the product instead
+            total = total * torch.where(same, 1.0, torch.nan).to(total.dtype)
+        # The global weight and batch count are read on the host (one synchronisation) only when they can
+        # have changed: at every product over a loader, once per set of kept graphs.
+        if not (self.keep_graph and self._cache_complete and self._checked_key == self._cache_key):
+            global_weight, global_batches = totals.tolist()
+            self._check_totals(global_weight, global_batches, " on every rank of the process group")
+            self._checked_key = self._cache_key if self.keep_graph else None
+        return total.div_(totals[0]) if self.reduction == "mean" else total
 
     def clear_cache(self) -> None:
         """Free the kept autograd graphs; the next product rebuilds them."""
-        self._cache, self._cache_complete, self._cache_key = [], False, None
+        self._cache, self._cache_complete, self._cache_key, self._checked_key = [], False, None, None
 

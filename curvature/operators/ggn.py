@@ -59,10 +59,10 @@ class _JacobianSandwich(CurvatureOperator):
         jt = torch.autograd.grad(z, leaves, dummy, create_graph=True, allow_unused=True)
         return leaves, z, dummy, jt, self._output_matrix(outputs.detach(), targets, index)
 
-    def _apply(self, ctx: Any, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _apply(self, ctx: Any, vs: list[torch.Tensor], last_use: bool = False) -> list[torch.Tensor]:
         leaves, z, dummy, jt, lam = ctx
         (jv,) = vjp_columns(jt, [dummy], vs, vectorize=self.vectorize)
-        return vjp_columns([z], leaves, [lam(jv)], vectorize=self.vectorize)
+        return vjp_columns([z], leaves, [lam(jv)], vectorize=self.vectorize, retain_graph=not last_use)
 
     def _fresh_product(self, leaves: list[torch.Tensor], inputs: Any, targets: Any, index: int,
                        vs: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -84,7 +84,7 @@ class _JacobianSandwich(CurvatureOperator):
         if jv is None:  # z does not depend on the parameters
             jv = torch.zeros_like(z)
         lam = self._output_matrix(outputs.detach(), targets, index)
-        return vjp_columns([z], leaves, [lam(jv.unsqueeze(0))], vectorize=False)
+        return vjp_columns([z], leaves, [lam(jv.unsqueeze(0))], vectorize=False, retain_graph=False)
 
 
 class GGNOperator(_JacobianSandwich):
@@ -136,7 +136,9 @@ class FisherOperator(GGNOperator):
     average over ``M`` targets drawn per data point (Kunstner, Balles, Hennig 2019, arXiv:1905.12558),
     an unbiased, PSD, rank-limited estimate. The draws are fixed when the operator is built (one seed per
     batch taken from ``generator``), so the operator is one linear map: repeated products agree. Keep the
-    batch order fixed (no shuffling loader) for that to hold across passes over the data.
+    batch order fixed (no shuffling loader) for that to hold across passes over the data. In a process
+    group every rank seeds its batches apart (by rank and batch index), so the shards' draws are
+    independent even with identically seeded generators.
 
     Args:
         model: The model.
@@ -146,7 +148,7 @@ class FisherOperator(GGNOperator):
         mc_samples: None for the exact Fisher, else the number of sampled targets per data point.
         generator: The ``torch.Generator`` that seeds the samples (a fresh random seed if None; the
             global RNG is never touched).
-        **kwargs: ``reduction``, ``keep_graph``, ``vectorize`` as in
+        **kwargs: ``reduction``, ``keep_graph``, ``vectorize``, ``process_group``, ``verify``, ``allow_tf32`` as in
             :class:`~curvature.operators.curvature.CurvatureOperator`.
 
     Raises:
@@ -198,7 +200,8 @@ class FisherOperator(GGNOperator):
     def _output_matrix(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMatrix:
         if self.mc_samples is None:
             return super()._output_matrix(outputs, targets, index)
-        generator = torch.Generator(device=self.device).manual_seed(self._seed + index)
+        rank = self._shards.rank if self._shards is not None else 0  # independent draws on every shard
+        generator = torch.Generator(device=self.device).manual_seed(self._seed + (rank << 32) + index)
         g = sampled_output_gradients(self._kind, self.loss_fn, outputs, targets, self.mc_samples, generator)
         count = self._batch_weight(targets, None) if self.reduction == "mean" else 1.0
         scale = 1.0 / (self.mc_samples * count) if count else 0.0  # a batch with every target ignored

@@ -41,6 +41,6 @@ class HessianOperator(CurvatureOperator):
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         return leaves, grads
 
-    def _apply(self, ctx: Any, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _apply(self, ctx: Any, vs: list[torch.Tensor], last_use: bool = False) -> list[torch.Tensor]:
         leaves, grads = ctx
-        return vjp_columns(grads, leaves, vs, vectorize=self.vectorize)
+        return vjp_columns(grads, leaves, vs, vectorize=self.vectorize, retain_graph=not last_use)
