@@ -103,7 +103,7 @@ def run(rank: int, world: int, path: str, args: argparse.Namespace) -> None:
                 alone_variant(rank, times, (name, k, "1 process, 1 thread"), alone, V, args.products, 1)
                 times.setdefault((name, k, "2 processes × 1 thread"), []).append(
                     per_product(shared, V, args.products))
-                buffer = torch.zeros(P * k + 2 + 16 * world)
+                buffer = torch.zeros(P * k + 2 + 17 * world)
                 start = time.perf_counter()
                 for _ in range(args.products):
                     dist.all_reduce(buffer)
@@ -128,8 +128,8 @@ def report(P: int, world: int, times: dict, reduce_times: dict, checks: dict) ->
     print("\n| k | numbers all-reduced per product call | bytes | bare all-reduce (ms, median) |")
     print("|---|---|---|---|")
     for k, values in reduce_times.items():
-        numbers = P * k + 2 + 16 * world
-        print(f"| {k} | {numbers:,} (P·k + 2 + 16·{world}) | {4 * numbers:,} | {1e3 * statistics.median(values):.2f} |")
+        numbers = P * k + 2 + 17 * world
+        print(f"| {k} | {numbers:,} (P·k + 2 + 17·{world}) | {4 * numbers:,} | {1e3 * statistics.median(values):.2f} |")
     print("\nmax relative difference, 2 processes vs 1:", f"{max(checks.values()):.1e}")
 
 

@@ -145,8 +145,9 @@ def vjp_columns(
     r"""Reverse-mode products :math:`J^\top c_j` for ``k`` cotangents through a kept autograd graph.
 
     The graph is retained, so the call can be repeated with new cotangents at the cost of one backward
-    pass each; with ``retain_graph=False`` the last backward pass frees it as it goes (a graph used once
-    then peaks lower). Inputs that the outputs do not depend on get zeros.
+    pass each; with ``retain_graph=False`` the last backward pass of the column loop frees it as it goes (a
+    graph used once then peaks lower; a vectorized call keeps it, in case vmap fails and the loop needs it).
+    Inputs that the outputs do not depend on get zeros.
 
     Args:
         outputs: Tensors of the graph (entries that are None or do not require grad are skipped).
@@ -175,8 +176,9 @@ def vjp_columns(
 
     if vectorize and k > 1:
         try:
+            # The graph is kept even on its last use: if vmap fails half-way, the loop below needs it whole.
             grads = torch.autograd.grad(
-                outs, inputs, cots, retain_graph=retain_graph, allow_unused=True, is_grads_batched=True
+                outs, inputs, cots, retain_graph=True, allow_unused=True, is_grads_batched=True
             )
             return fill(grads, batched=True)
         except RuntimeError as err:  # an op without a batching rule

@@ -45,7 +45,10 @@ def float32_precision(device: torch.device, dtype: torch.dtype, allow_tf32: bool
     (relative errors near 1e-3 in a curvature product); curvature products use full float32 unless the
     user opts in. Only the flags' values are swapped, through the API that this PyTorch offers (the
     ``fp32_precision`` attributes, or the older ``allow_tf32`` flags), so the user's own settings return
-    unchanged on exit. Other devices and dtypes run the block as it is.
+    unchanged on exit. Other devices and dtypes run the block as it is. With the ``fp32_precision`` API
+    (PyTorch 2.9 and later), PyTorch's legacy getters (``torch.backends.cudnn.allow_tf32``,
+    ``torch.get_float32_matmul_precision()``) may raise about "a mix of the legacy and new APIs" inside the
+    block, so a model should not read them in its forward pass; outside the block they read as before.
 
     Args:
         device: The device of the products.

@@ -106,6 +106,14 @@ def results(case: dict[str, Any], data: Any, **kwargs: Any) -> dict[str, torch.T
     return out
 
 
+def low_precision_product(case: dict[str, Any], data: Any, dtype: torch.dtype, **kwargs: Any) -> torch.Tensor:
+    """A GGN product of a float32 or bfloat16 model (inputs cast to it), as float64."""
+    x, y = cat_samples(data if isinstance(data, list) else [data]) if data else (None, None)
+    batches = [(x.to(dtype), y)] if x is not None else []
+    G = curvature.GGNOperator(case["model"], case["loss_fn"], batches, **kwargs)
+    return (G @ torch.randn(G.shape[0], 2, generator=generator(8)).to(dtype)).double()
+
+
 def unchanged(model: torch.nn.Module, before: dict[str, Any]) -> str:
     """'' if the model is as in the snapshot, else what changed."""
     try:
@@ -129,6 +137,15 @@ def syncs_per_product(case: dict[str, Any], data: Any, **kwargs: Any) -> list[in
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def any_error_of(fn: Callable[[], Any]) -> str:
+    """The message of any exception that ``fn`` raises, or '' if it returns."""
+    try:
+        fn()
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return ""
 
 
 def error_of(fn: Callable[[], Any]) -> str:
@@ -162,6 +179,14 @@ def error_cases(rank: int, world: int) -> dict[str, Any]:
     x, y = cat_samples(union(parts))
     bad = (torch.full_like(x[:4], float("nan")), y[:4]) if rank == 1 else (x[:4], y[:4])
     out["nan_on_rank_1"] = error_of(lambda: curvature.HessianOperator(model, loss_fn, bad, process_group="auto"))
+    wide = (torch.randn(4, x.shape[1] + 1, dtype=x.dtype), y[:4]) if rank == 1 else (x[:4], y[:4])
+    out["shape_error_on_rank_1"] = any_error_of(
+        lambda: curvature.HessianOperator(model, loss_fn, wide, process_group="auto"))
+    late = [(x[:4], y[:4]), (x[4:8], y[4:8] + (99 if rank == 1 else 0))]  # a bad class index in a later batch
+    G = curvature.GGNOperator(model, loss_fn, late, process_group="auto")
+    out["late_error_on_rank_1"] = any_error_of(lambda: G @ v)
+    padded = [(x[:0], y[:0])] + (union([mine]) if Data(mine).single or mine else [])  # an empty first batch
+    out["empty_first_batch"] = rel(curvature.HessianOperator(model, loss_fn, padded, process_group="auto") @ v, before)
     return out
 
 
@@ -178,6 +203,10 @@ def worker(rank: int, world: int, directory: str, names: list[str]) -> None:
             before = snapshot(case["model"])
             status[name] = results(case, mine, process_group="auto")
             status[name]["changed"] = unchanged(case["model"], before)
+        for dtype in (torch.float32, torch.bfloat16):  # lower precisions: products and counts in float32 or better
+            case = make_case("ce_nd_ignore_index_mean", torch.float32)
+            case["model"].to(dtype)
+            status[f"ggn_{dtype}"] = low_precision_product(case, shards(case, world)[rank], dtype, process_group="auto")
         case = make_case("layernorm_ce_mean")  # a DistributedDataParallel model, its group by "auto"
         ddp = DistributedDataParallel(case["model"])
         H = curvature.HessianOperator(ddp, case["loss_fn"], shards(case, world)[rank], process_group="auto",

@@ -7,6 +7,9 @@ machine what ``verify=False`` (the default on accelerators) leaves out of the pr
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import pytest
 import torch
 from cases import make_case
@@ -96,3 +99,67 @@ def test_allow_tf32_must_be_a_bool() -> None:
         curvature.GGNOperator(case["model"], case["loss_fn"], case["data"], allow_tf32=1)
     with pytest.raises(TypeError, match="verify"):
         curvature.GGNOperator(case["model"], case["loss_fn"], case["data"], verify="yes")
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel", "layer"])
+def test_pruning_sensitivity_reads_do_not_grow_with_products(granularity: str) -> None:
+    """HAP's Hutchinson pass keeps a GPU busy too: its host reads do not depend on the number of probes."""
+    counts = []
+    for num_matvecs in (16, 64):
+        case = make_case("cnn_ce_mean")
+        with count_host_syncs() as syncs:
+            curvature.pruning.sensitivity(case["model"], case["loss_fn"], case["data"], "hap", granularity,
+                                          num_matvecs, seeded(0), verify=False)
+        counts.append(syncs.count)
+    assert counts[0] == counts[1], counts
+
+
+class _NoVmapTanh(torch.autograd.Function):
+    """tanh whose backward branches on the data: vmap cannot batch it, so vectorized products fall back."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.tanh()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        if bool((grad != 0).any()):  # data-dependent control flow
+            return grad * (1 - x.tanh() ** 2)
+        return grad * 0
+
+
+class _NoVmapMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(4, 5), torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(_NoVmapTanh.apply(self.first(x)))
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_vectorized_fallback_without_kept_graphs(kind: str) -> None:
+    """The GPU defaults with a loader (vectorize=True, keep_graph=False): a graph freed on its last use must
+    still be whole when vmap fails and the column loop takes over."""
+    torch.manual_seed(0)
+    model = _NoVmapMLP().double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    data = [(x[:6], y[:6]), (x[6:], y[6:])]
+    cls = OPERATORS[kind][0]
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, generator=seeded(2), dtype=torch.float64)
+    looped = cls(model, torch.nn.CrossEntropyLoss(), data, vectorize=False, keep_graph=False) @ V
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the one-time fallback warning
+        vectorized = cls(model, torch.nn.CrossEntropyLoss(), data, vectorize=True, keep_graph=False) @ V
+    assert rel_err(vectorized, looped) < 1e-14
+
+
+def test_data_parallel_model_accepts_prefixed_names() -> None:
+    case = make_case("mlp_tanh_ce_mean")
+    model, loss_fn, data = case["model"], case["loss_fn"], case["data"]
+    wrapped = curvature.HessianOperator(torch.nn.DataParallel(model), loss_fn, data, params=["module.2.weight"])
+    plain = curvature.HessianOperator(model, loss_fn, data, params=["2.weight"])
+    v = torch.randn(plain.shape[0], generator=seeded(3), dtype=torch.float64)
+    assert torch.equal(wrapped @ v, plain @ v)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from cases import make_case
-from distributed_worker import ALL_CASES, results, shards, union, worker
+from distributed_worker import ALL_CASES, low_precision_product, results, shards, union, worker
 
 import curvature
 
@@ -65,6 +65,18 @@ def test_every_rank_equals_one_process_over_the_union(ranks: tuple[int, list], n
             assert close(got[key], value), f"rank {rank}, {key}: {(got[key] - value).norm() / value.norm():.3g}"
 
 
+@pytest.mark.parametrize(("dtype", "rel"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_low_precision_products_equal_one_process(ranks: tuple[int, list], dtype: torch.dtype, rel: float) -> None:
+    """float32 to its usual 1e-5; bfloat16 (8 significant bits) to a few of its roundings. Its products are
+    reduced in float32, so the ignore_index counts of the mean stay exact."""
+    world, outputs = ranks
+    case = make_case("ce_nd_ignore_index_mean", torch.float32)
+    case["model"].to(dtype)
+    expected = low_precision_product(case, union(shards(case, world)), dtype)
+    for out in outputs:
+        assert close(out[f"ggn_{dtype}"], expected, rel)
+
+
 def test_ddp_model_and_auto_group(ranks: tuple[int, list]) -> None:
     world, outputs = ranks
     case = make_case("layernorm_ce_mean")
@@ -93,10 +105,15 @@ def test_misuse_raises_on_every_rank(ranks: tuple[int, list]) -> None:
         assert torch.isnan(errors["probes_differ_quiet"]).all()  # verify=False: poisoned, not silently wrong
         assert "empty on every rank" in errors["empty_everywhere"]
         assert errors["after_mode_switch"] == 0.0
+        assert errors["empty_first_batch"] < 1e-12
         if rank == 1:
             assert "NaN" in errors["nan_on_rank_1"]
+            assert errors["shape_error_on_rank_1"].startswith("RuntimeError")  # its own error, whatever its type
+            assert "class indices" in errors["late_error_on_rank_1"] or "99" in errors["late_error_on_rank_1"]
         else:
             assert "failed on rank(s) [1]" in errors["nan_on_rank_1"]
+            assert "failed on rank(s) [1]" in errors["shape_error_on_rank_1"]
+            assert "product failed on rank(s) [1]" in errors["late_error_on_rank_1"]
 
 
 def test_process_group_argument_errors() -> None:

@@ -155,10 +155,11 @@ def spectral_density(
     :math:`\sum_l w_l\theta_l = \frac{1}{n_v}\sum_v v^\top A v / v^\top v`, so ``P`` times it estimates
     ``tr(A)`` (:meth:`SpectralDensity.trace_estimate`).
 
-    Cost: ``n_v · m`` products, ``P · n_v · m`` memory. No step reads a value on the host (the coefficients
-    come over in one transfer at the end), so a probe whose Krylov space becomes invariant before ``m`` steps
-    keeps multiplying a zero vector; ``num_matvecs`` counts the products that entered the quadrature, ``n_v``
-    times the steps each probe took.
+    Cost: at most ``n_v · m`` products, ``P · n_v · m`` memory. No step reads a value on the host (the
+    coefficients come over in one transfer at the end), so a probe whose Krylov space becomes invariant
+    before ``m`` steps keeps multiplying a zero vector until the next check after step 8, 16, 32, ..., where
+    the run stops once every probe is finished (at most twice the products a low-rank operator needs);
+    ``num_matvecs`` counts the products that entered the quadrature, ``n_v`` times the steps each probe took.
 
     Args:
         op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device``.

@@ -76,7 +76,9 @@ def lanczos(
     Cost: one product per step, ``O(P m²)`` flops and ``P m`` memory for the reorthogonalization. No step
     reads a value on the host: the test for an invariant subspace runs on the operator's device, and the
     coefficients come to the host in one transfer at the end. After an invariant subspace the remaining
-    steps multiply a zero vector (their products are wasted, but a GPU never waits for the host).
+    steps multiply a zero vector, up to the next check after step 8, 16, 32, ... (one flag read each), where
+    the run stops: at most half of the products are wasted, and a GPU waits for the host a logarithmic
+    number of times.
 
     Args:
         op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device`` (a curvature operator

@@ -213,8 +213,9 @@ class CurvatureOperator(LinearOperator):
         verify: bool | None = None,
         allow_tf32: bool = False,
     ) -> None:
+        wrapper = model
         model, wrapper_group = unwrap_model(model)
-        if wrapper_group is not None and params is not None and not isinstance(params, (str, torch.Tensor)):
+        if model is not wrapper and params is not None and not isinstance(params, (str, torch.Tensor)):
             params = [p.removeprefix("module.") if isinstance(p, str) else p for p in params]
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -425,13 +426,14 @@ class CurvatureOperator(LinearOperator):
                 empty, or the ranks disagree on the reduction or the parameter count.
         """
         error: Exception | None = None
-        with self._rng_preserved():
-            has_data = any(True for _ in self._data)
-        if has_data:
-            try:
+        has_data = False
+        try:  # any error, so that no rank is left waiting in the all-reduce below
+            with self._rng_preserved():
+                has_data = any(batch_size(inputs) > 0 for inputs, _ in self._data)
+            if has_data:
                 self._validate_first_batch()
-            except (ValueError, TypeError) as err:
-                error = err
+        except Exception as err:
+            error = err
         reduction = {None: 0, "mean": 1, "sum": 2}[self.reduction]
         table = self._shards.gather_rows(
             [float(error is not None), float(has_data), float(reduction), float(self.shape[0])], self.device)
@@ -548,14 +550,20 @@ class CurvatureOperator(LinearOperator):
         self._sync_with_model()
         k = V.shape[1]
         vs = [chunk.reshape(k, *shape) for chunk, shape in zip(V.T.split(self._sizes, dim=1), self._shapes)]
+        error: Exception | None = None
         with float32_precision(self.device, self.dtype, self.allow_tf32), differentiable_attention():
-            total, first_weight, weight_sum, batches = self._local_sum(vs, k)
+            try:
+                total, first_weight, weight_sum, batches = self._local_sum(vs, k)
+            except Exception as err:
+                if self._shards is None:
+                    raise
+                error, total, first_weight, weight_sum, batches = err, None, None, 0.0, 0
         if self._shards is None:
             self._check_totals(weight_sum, batches, "")
             if first_weight is None and self.reduction == "mean":
                 total = total.div_(weight_sum)
         else:
-            total = self._reduce(total, first_weight, weight_sum, batches, V)
+            total = self._reduce(total, first_weight, weight_sum, batches, V, error)
         if self.verify:
             check_finite(
                 total, "the curvature product",
@@ -565,13 +573,23 @@ class CurvatureOperator(LinearOperator):
         return total.T.contiguous()
 
     def _reduce(self, total: torch.Tensor | None, first_weight: float | None, weight_sum: float, batches: int,
-                V: torch.Tensor) -> torch.Tensor:
-        """All-reduce this rank's weighted partial product over the process group and normalize it."""
+                V: torch.Tensor, error: Exception | None) -> torch.Tensor:
+        """All-reduce this rank's weighted partial product over the process group and normalize it.
+
+        A rank whose products raised (``error``) joins the all-reduce with a failure flag, then raises its
+        own error; with ``verify`` the other ranks raise naming it, without it their product is NaN.
+        """
         if total is not None and first_weight is not None:
             total = total.mul(first_weight)  # the other ranks' batches need the weights
-        total, totals, digests = self._shards(total, V, weight_sum, batches)
-        same = (digests == digests[self._shards.rank]).all()
+        total, totals, digests, failures = self._shards(total, V, weight_sum, batches, failed=error is not None)
+        if error is not None:
+            raise error
+        same = (digests == digests[self._shards.rank]).all() & (failures == 0).all()
         if self.verify:
+            failed = [r for r, flag in enumerate(failures.tolist()) if flag]
+            if failed:
+                raise ValueError(f"the curvature product failed on rank(s) {failed} of the process group; see the "
+                                 "error raised there.")
             if not bool(same):
                 differ = [r for r in range(len(digests)) if not torch.equal(digests[r], digests[0])]
                 raise ValueError(

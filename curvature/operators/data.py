@@ -167,17 +167,27 @@ class Data:
             yield batch[0], batch[1]
 
     def first(self) -> tuple[Any, Any]:
-        """Return the first batch.
+        """Return the first batch that holds samples (the first batch if none does).
+
+        Empty batches add nothing to a product, so the checks look at the first batch with samples.
 
         Returns:
-            The first ``(inputs, targets)`` pair.
+            The ``(inputs, targets)`` pair.
 
         Raises:
             ValueError: If the data holds no batch.
         """
+        found = None
         for batch in self:
-            return batch
-        raise ValueError("data is empty: it yielded no (inputs, targets) batch.")
+            found = batch if found is None else found
+            try:
+                if batch_size(batch[0]) > 0:
+                    return batch
+            except ValueError:  # no batch dimension: the checks that follow say what is wrong
+                return batch
+        if found is None:
+            raise ValueError("data is empty: it yielded no (inputs, targets) batch.")
+        return found
 
 
 def unwrap_model(model: Any) -> tuple[Any, Any]:
@@ -234,6 +244,7 @@ def resolve_process_group(process_group: Any, default: Any = None) -> Any:
 
 
 _DIGEST_SHIFTS = tuple(range(0, 64, 8))
+_DIGEST_CHUNK = 1 << 22
 
 
 def _digest(V: torch.Tensor) -> torch.Tensor:
@@ -245,9 +256,12 @@ def _digest(V: torch.Tensor) -> torch.Tensor:
     whatever its thread count.
     """
     bits = V.detach().contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16,
-                                         1: torch.int8}[V.element_size()]).reshape(-1).to(torch.int64)
-    position = torch.arange(1, bits.numel() + 1, device=V.device, dtype=torch.int64)
-    sums = torch.stack([bits.sum(), (bits * position).sum()])
+                                         1: torch.int8}[V.element_size()]).reshape(-1)
+    sums = torch.zeros(2, dtype=torch.int64, device=V.device)
+    for start in range(0, bits.numel(), _DIGEST_CHUNK):  # int64 temporaries of a chunk, not of all of V
+        chunk = bits[start:start + _DIGEST_CHUNK].to(torch.int64)
+        position = torch.arange(start + 1, start + chunk.numel() + 1, device=V.device, dtype=torch.int64)
+        sums += torch.stack([chunk.sum(), (chunk * position).sum()])
     shifts = torch.tensor(_DIGEST_SHIFTS, device=V.device)
     return ((sums.unsqueeze(1) >> shifts) & 0xFF).reshape(-1).to(V.dtype)
 
@@ -261,9 +275,11 @@ class ShardReduction:
     .. math:: A V = \frac{\sum_r \sum_{b \in S_r} w_b A_b V}{\sum_r \sum_{b \in S_r} w_b}
 
     (no denominator for a summed loss), so each rank sends its partial sum together with its weight sum
-    and batch count, and a 16-byte digest of :math:`V` that proves every rank multiplied the same :math:`V`
-    (estimators must draw the same probes on every rank: pass identically seeded generators): one
-    all-reduce of :math:`P k + 2 + 16 R` numbers for :math:`R` ranks. A rank with an empty shard sends
+    and batch count, a failure flag (a rank whose products raised still joins, so that no rank waits for
+    it), and a 16-byte digest of :math:`V` that proves every rank multiplied the same :math:`V` (estimators
+    must draw the same probes on every rank: pass identically seeded generators): one all-reduce of
+    :math:`P k + 2 + 17 R` numbers for :math:`R` ranks, in the products' dtype (float32 for
+    half-precision products, whose sample counts would round). A rank with an empty shard sends
     zeros; every rank gets the same result.
 
     Args:
@@ -295,29 +311,36 @@ class ShardReduction:
         dist.all_reduce(table, group=self.group)
         return table.cpu()
 
-    def __call__(self, partial: torch.Tensor | None, V: torch.Tensor, weight: float, batches: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, partial: torch.Tensor | None, V: torch.Tensor, weight: float, batches: int,
+                 failed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """All-reduce this rank's weighted partial sum.
 
         Args:
             partial: The sum of ``w_b A_b V`` over this rank's batches, shape ``(k, P)``, or None if the
-                shard is empty.
+                shard is empty or its products failed.
             V: The operand, ``(P, k)``.
             weight: This rank's weight sum.
             batches: This rank's number of non-empty batches.
+            failed: Whether this rank's products raised. It still joins the all-reduce, so that the other
+                ranks learn of it instead of waiting for it until the group's timeout.
 
         Returns:
-            ``(total, totals, digests)``: the summed products ``(k, P)``, the summed ``(weight, batches)``
-            as a device tensor, and every rank's digest of ``V`` (one row per rank, on the device).
+            ``(total, totals, digests, failures)``, all on the device: the summed products ``(k, P)``, the
+            summed ``(weight, batches)``, every rank's digest of ``V`` (one row per rank) and every rank's
+            failure flag.
         """
         P, k = V.shape
-        size, width = P * k, 2 * len(_DIGEST_SHIFTS)
-        buffer = torch.zeros(size + 2 + width * self.world_size, dtype=V.dtype, device=V.device)
+        size, width, world = P * k, 2 * len(_DIGEST_SHIFTS), self.world_size
+        # Half-precision products travel in float32, so that the weight totals (sample counts) stay exact.
+        dtype = torch.promote_types(V.dtype, torch.float32)
+        buffer = torch.zeros(size + 2 + world + width * world, dtype=dtype, device=V.device)
         if partial is not None:
             buffer[:size].copy_(partial.reshape(-1))
         buffer[size].fill_(weight)
         buffer[size + 1].fill_(batches)
-        start = size + 2 + width * self.rank
+        buffer[size + 2 + self.rank].fill_(float(failed))
+        start = size + 2 + world + width * self.rank
         buffer[start:start + width] = _digest(V)
         dist.all_reduce(buffer, group=self.group)
-        return buffer[:size].view(k, P), buffer[size:size + 2], buffer[size + 2:].view(self.world_size, width)
+        return (buffer[:size].view(k, P).to(V.dtype), buffer[size:size + 2],
+                buffer[size + 2 + world:].view(world, width), buffer[size + 2:size + 2 + world])

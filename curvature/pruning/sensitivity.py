@@ -262,7 +262,7 @@ def _hutchinson(H: HessianOperator, segments: list, num_matvecs: int,
     The probe blocks and the per-entry mean and standard error are :func:`curvature.diagonal`'s own
     (``_probe_blocks``, ``_per_entry``); the block sums are added to the same pass.
     """
-    operand = Operand(H)
+    operand = Operand(H, deferred=True)  # finiteness read once, at the end (no host read per product)
     sums = torch.zeros(operand.size, dtype=torch.float64, device=H.device)
     squares = torch.zeros_like(sums)
     index = torch.cat([idx for _, idx in segments]).to(H.device) if segments else None
