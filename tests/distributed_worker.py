@@ -22,21 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 import curvature
 from curvature.operators.data import Data
+from curvature.reference import _cat as cat  # the dense references' own concatenation of batches
 
 BATCH = 5
 
 
 def cat_samples(batches: list[tuple[Any, Any]]) -> tuple[Any, Any]:
     """Concatenate batches of (possibly nested) inputs and targets along the sample dimension."""
-
-    def cat(items: list[Any]) -> Any:
-        first = items[0]
-        if isinstance(first, torch.Tensor):
-            return torch.cat(items)
-        if isinstance(first, dict):
-            return {key: cat([item[key] for item in items]) for key in first}
-        return type(first)(cat(list(parts)) for parts in zip(*items))
-
     return cat([b[0] for b in batches]), cat([b[1] for b in batches])
 
 
@@ -139,20 +131,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def any_error_of(fn: Callable[[], Any]) -> str:
-    """The message of any exception that ``fn`` raises, or '' if it returns."""
+def error_of(fn: Callable[[], Any], kinds: tuple[type[Exception], ...] = (ValueError, TypeError)) -> str:
+    """The message of the exception of ``kinds`` that ``fn`` raises, or '' if it returns."""
     try:
         fn()
-    except Exception as err:
-        return f"{type(err).__name__}: {err}"
-    return ""
-
-
-def error_of(fn: Callable[[], Any]) -> str:
-    """The message of the ValueError/TypeError that ``fn`` raises, or '' if it returns."""
-    try:
-        fn()
-    except (ValueError, TypeError) as err:
+    except kinds as err:
         return f"{type(err).__name__}: {err}"
     return ""
 
@@ -180,11 +163,11 @@ def error_cases(rank: int, world: int) -> dict[str, Any]:
     bad = (torch.full_like(x[:4], float("nan")), y[:4]) if rank == 1 else (x[:4], y[:4])
     out["nan_on_rank_1"] = error_of(lambda: curvature.HessianOperator(model, loss_fn, bad, process_group="auto"))
     wide = (torch.randn(4, x.shape[1] + 1, dtype=x.dtype), y[:4]) if rank == 1 else (x[:4], y[:4])
-    out["shape_error_on_rank_1"] = any_error_of(
-        lambda: curvature.HessianOperator(model, loss_fn, wide, process_group="auto"))
+    out["shape_error_on_rank_1"] = error_of(
+        lambda: curvature.HessianOperator(model, loss_fn, wide, process_group="auto"), (Exception,))
     late = [(x[:4], y[:4]), (x[4:8], y[4:8] + (99 if rank == 1 else 0))]  # a bad class index in a later batch
     G = curvature.GGNOperator(model, loss_fn, late, process_group="auto")
-    out["late_error_on_rank_1"] = any_error_of(lambda: G @ v)
+    out["late_error_on_rank_1"] = error_of(lambda: G @ v, (Exception,))
     padded = [(x[:0], y[:0])] + (union([mine]) if Data(mine).single or mine else [])  # an empty first batch
     out["empty_first_batch"] = rel(curvature.HessianOperator(model, loss_fn, padded, process_group="auto") @ v, before)
     return out

@@ -243,7 +243,7 @@ def resolve_process_group(process_group: Any, default: Any = None) -> Any:
     return process_group
 
 
-_DIGEST_SHIFTS = tuple(range(0, 64, 8))
+_DIGEST_BYTES = 8  # bytes per 64-bit digest sum
 _DIGEST_CHUNK = 1 << 22
 
 
@@ -262,7 +262,7 @@ def _digest(V: torch.Tensor) -> torch.Tensor:
         chunk = bits[start:start + _DIGEST_CHUNK].to(torch.int64)
         position = torch.arange(start + 1, start + chunk.numel() + 1, device=V.device, dtype=torch.int64)
         sums += torch.stack([chunk.sum(), (chunk * position).sum()])
-    shifts = torch.tensor(_DIGEST_SHIFTS, device=V.device)
+    shifts = torch.arange(0, 64, 8, device=V.device)  # made on the device: no host-to-device copy per product
     return ((sums.unsqueeze(1) >> shifts) & 0xFF).reshape(-1).to(V.dtype)
 
 
@@ -330,7 +330,7 @@ class ShardReduction:
             failure flag.
         """
         P, k = V.shape
-        size, width, world = P * k, 2 * len(_DIGEST_SHIFTS), self.world_size
+        size, width, world = P * k, 2 * _DIGEST_BYTES, self.world_size
         # Half-precision products travel in float32, so that the weight totals (sample counts) stay exact.
         dtype = torch.promote_types(V.dtype, torch.float32)
         buffer = torch.zeros(size + 2 + world + width * world, dtype=dtype, device=V.device)
