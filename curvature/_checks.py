@@ -18,6 +18,7 @@ __all__ = [
     "check_operand",
     "check_scalar",
     "common_dtype_device",
+    "no_graph_reason",
 ]
 
 
@@ -157,3 +158,24 @@ def check_count(value: Any, name: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}.")
     return value
+
+
+def no_graph_reason(t: Any = None) -> str:
+    """Say why a tensor that should carry an autograd graph has none, naming the mode that caused it.
+
+    Args:
+        t: The tensor without a graph (a loss, outputs), or None.
+
+    Returns:
+        A sentence for an error message: inference mode when ``t`` is an inference tensor or inference mode is
+        on, ``torch.no_grad()`` when gradients are off, else a detach inside the computation.
+    """
+    if isinstance(t, torch.Tensor) and t.is_inference():
+        return ("it was computed under torch.inference_mode(), whose tensors can never be differentiated; compute "
+                "it outside inference mode (or inside `with torch.inference_mode(False):`)")
+    if torch.is_inference_mode_enabled():
+        return ("this runs under torch.inference_mode(), which records no graph; call it outside inference mode "
+                "(or inside `with torch.inference_mode(False):`)")
+    if not torch.is_grad_enabled():
+        return "it was computed under torch.no_grad(); compute it with gradients enabled"
+    return "a .detach(), .item() or torch.no_grad() inside the computation cuts the graph"

@@ -1,4 +1,4 @@
-"""Modes switched for a block and restored: train/eval flags, TF32 and the attention backend for products."""
+"""Modes switched for a block and restored: autograd, train/eval flags, TF32 and the attention backend."""
 
 from __future__ import annotations
 
@@ -8,7 +8,39 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["differentiable_attention", "eval_mode", "float32_precision"]
+__all__ = ["autograd_enabled", "differentiable_attention", "eval_mode", "float32_precision", "recordable"]
+
+
+@contextmanager
+def autograd_enabled() -> Iterator[None]:
+    """Run the block with autograd recording, whatever the caller's mode, then restore the caller's mode.
+
+    Curvature is made of derivatives, so every product, estimator, optimizer step and regularizer computes its
+    autograd work inside this block: under ``torch.no_grad()`` and under ``torch.inference_mode()`` alike, the
+    numbers are the ones computed outside them (without it, a product under inference mode records no graph
+    and comes out as zeros). Tensors created under inference mode cannot enter a graph that is differentiated
+    (PyTorch refuses to save them for backward); :func:`recordable` makes normal copies of them.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def recordable(t: torch.Tensor) -> torch.Tensor:
+    """Return ``t``, or a normal copy of it if it is an inference tensor (made under ``torch.inference_mode()``).
+
+    An inference tensor cannot be saved for backward or be given ``requires_grad``; a copy made outside
+    inference mode can. Call it inside :func:`autograd_enabled`. Costs a copy only for inference tensors.
+
+    Args:
+        t: Any tensor.
+
+    Returns:
+        A tensor with the same values that autograd can record.
+    """
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
 
 
 @contextmanager

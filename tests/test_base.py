@@ -27,7 +27,9 @@ class Dense(LinearOperator):
 def spd() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     B = torch.randn(6, 6, dtype=torch.float64, generator=g)
-    return B @ B.T + torch.eye(6, dtype=torch.float64)
+    A = B @ B.T
+    # Symmetric bit for bit: some BLAS kernels (MKL on AMD) round B @ B.T asymmetrically in the last bit.
+    return (A + A.T) / 2 + torch.eye(6, dtype=torch.float64)
 
 
 def test_products_and_counter(spd: torch.Tensor) -> None:
