@@ -9,6 +9,7 @@ from .linalg import (
     EigenResult,
     Estimate,
     LanczosResult,
+    PrecisionWarning,
     SolveResult,
     SpectralDensity,
     diagonal,
@@ -27,6 +28,7 @@ from .operators import (
     HessianOperator,
     IdentityOperator,
     LinearOperator,
+    NormalizedLoss,
     identity_like,
 )
 from .sharpness import METRICS, SharpnessMonitor, SharpnessReport, sharpness
@@ -45,6 +47,8 @@ __all__ = [
     "IdentityOperator",
     "LanczosResult",
     "LinearOperator",
+    "NormalizedLoss",
+    "PrecisionWarning",
     "SharpnessMonitor",
     "SharpnessReport",
     "SolveResult",

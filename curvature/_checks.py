@@ -7,6 +7,7 @@ fix it. Checks run before any expensive work starts.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ __all__ = [
     "check_generator",
     "check_operand",
     "check_scalar",
+    "check_uses_params",
     "common_dtype_device",
     "no_graph_reason",
 ]
@@ -158,6 +160,32 @@ def check_count(value: Any, name: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}.")
     return value
+
+
+def check_uses_params(unused: Sequence[bool], what: str = "the loss", name: str = "params") -> None:
+    """The regularizers' rule for parameters a loss does not use: refuse a loss that uses none of them.
+
+    ``hessian_trace_penalty``, ``hessian_alignment_penalty``, ``gradient_norm_penalty`` /
+    ``GradientRegularization`` and ``SAM`` all follow it. A loss that depends on none of the parameters it is
+    regularized over has a penalty of exactly 0 and a zero gradient, which hides a mistake (the parameters of
+    another model, or of a copy of the model), so it is refused. Parameters that only part of the loss
+    leaves unused get zero gradient and zero curvature, and a loss that is linear in the parameters (a zero
+    Hessian) is no error: both depend on the parameters.
+
+    Args:
+        unused: For each parameter, whether the loss's autograd graph does not reach it (its gradient from
+            ``torch.autograd.grad(..., allow_unused=True)`` is None).
+        what: How to name the loss in the message.
+        name: The argument that holds the parameters.
+
+    Raises:
+        ValueError: If there are parameters and the loss uses none of them.
+    """
+    if unused and all(unused):
+        raise ValueError(
+            f"{what} does not depend on any of {name}; pass the parameters it is computed from (e.g. "
+            "model.parameters()), not those of another model or of a copy of it."
+        )
 
 
 def no_graph_reason(t: Any = None) -> str:

@@ -27,8 +27,9 @@ The factories run after ``torch.manual_seed(--seed)``, so a randomly initialized
 the same seed drives the training's shuffling and every random draw of the estimators.
 
 Every user error (a wrong path, a missing or failing factory, a factory that returns the wrong thing, a
-checkpoint that does not fit, an unknown metric, dtype or device, data that does not fit the model)
-exits with status 2 and one line on stderr, ``curvature: error: ...``, without a traceback. Progress bars
+checkpoint that does not fit or holds NaN or Inf, a loss that does not reduce the batch to a scalar, an
+``--out`` that cannot be created or written, an unknown metric, dtype or device, data that does not fit the
+model) exits with status 2 and one line on stderr, ``curvature: error: ...``, without a traceback. Progress bars
 (training, products) go to stderr when it is a terminal; ``--quiet`` prints nothing but the report.
 
 Example:
@@ -49,6 +50,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -60,6 +62,7 @@ from torch import nn
 
 from . import __version__
 from .operators.data import Data, batch_size, is_single_batch
+from .operators.losses import resolve_reduction
 from .sharpness import METRICS, OPERATORS, SharpnessReport, sharpness
 
 __all__ = ["DEFAULT_METRICS", "main"]
@@ -366,7 +369,7 @@ def _as_data(data: Any, spec: str) -> Any:
         raise UsageError(f"--data: {spec}() returned a {type(data).__name__}; {contract}.")
     try:
         Data(data)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise UsageError(f"--data: {spec}() returned unusable data: {_one_line(str(error))}") from error
     return data
 
@@ -379,8 +382,8 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         path: The ``--checkpoint`` argument.
 
     Raises:
-        UsageError: If the file is missing or not a tensors-only ``torch.save`` file, holds no state dict, or
-            its keys or shapes differ from the model's.
+        UsageError: If the file is missing or not a tensors-only ``torch.save`` file, holds no state dict, its
+            keys or shapes differ from the model's, or a floating-point tensor holds NaN or Inf (named).
     """
     if not Path(path).is_file():
         raise UsageError(f"--checkpoint: no such file: {path}")
@@ -425,6 +428,19 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     if shapes:
         raise UsageError(
             f"--checkpoint: {path} does not fit the model: shapes differ (checkpoint vs model) for {first(shapes)}."
+        )
+    broken = [
+        key for key, value in state.items()
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+        and not bool(torch.isfinite(value).all())
+    ]
+    if broken:
+        tensor = state[broken[0]]
+        count = int((~torch.isfinite(tensor)).sum())
+        others = f" (and {first(broken[1:])})" if len(broken) > 1 else ""
+        raise UsageError(
+            f"--checkpoint: {path}: {broken[0]} holds NaN or Inf in {count} of its {tensor.numel()} entries{others}; "
+            "its curvature is undefined. Load weights saved before the training diverged."
         )
     try:
         model.load_state_dict(state, strict=True)
@@ -488,6 +504,7 @@ class _CastBatches:
 
     def __init__(self, source: Iterable[Any], dtype: torch.dtype, device: torch.device) -> None:
         self.source, self.dtype, self.device = source, dtype, device
+        self.__wrapped__ = source  # the operators read a DataLoader's sampler through it (shuffling is fine)
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.source:
@@ -543,7 +560,9 @@ def _check_fit(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: Any
                 ) from error
             try:
                 with _warnings_unless_failing():
-                    value = float(loss_fn(outputs, targets))
+                    loss = loss_fn(outputs, targets)
+                    scalar = not isinstance(loss, torch.Tensor) or loss.numel() == 1
+                    value = float(loss) if scalar else math.nan
             except Exception as error:
                 shapes = ", ".join(
                     f"{name} {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
@@ -553,6 +572,12 @@ def _check_fit(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: Any
                     f"the loss does not fit the model's outputs and the targets on batch {index} ({shapes}): "
                     f"{_describe(error)}"
                 ) from error
+            if not scalar:
+                raise UsageError(
+                    f"the loss returned a tensor of shape {tuple(loss.shape)} on batch {index}, not a scalar: the loss "
+                    "must reduce the batch to a scalar with reduction 'mean' or 'sum', e.g. "
+                    "torch.nn.functional.cross_entropy(outputs, targets) (reduction='mean')."
+                )
             total, num_samples = total + value * n, num_samples + n
             bar.update()
     if index < 0:
@@ -690,6 +715,10 @@ def _run_report(args: argparse.Namespace, argv: list[str]) -> int:
     elif data_loss is not None:
         name = getattr(data_loss, "__name__", type(data_loss).__name__)
         loss_fn, run["loss"] = data_loss, f"loss_fn from {args.data}: {name}"
+        try:  # reduction='none' gets the operators' own message, before any work
+            resolve_reduction(loss_fn, None)
+        except ValueError as error:
+            raise UsageError(f"--data: the loss_fn of {args.data}: {_one_line(str(error))}") from error
     else:
         loss_fn, run["loss"] = nn.CrossEntropyLoss(), "cross_entropy"
 
@@ -738,16 +767,31 @@ def _run_report(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _check_out(out: Path) -> None:
-    """Fail early when ``--out`` cannot become a writable directory (it is created only when writing)."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing == out and not out.is_dir():
+    """Fail before any work when ``--out`` cannot hold the outputs, by doing what writing them will do.
+
+    The directory and its missing parents are created and a temporary file is written in it; then the file
+    and the directories this check created are removed, so that a run failing later leaves nothing behind.
+    Permission bits cannot tell: ``os.access`` says yes to root for a read-only directory and for ``/proc``,
+    and nothing about a parent that is a dangling link.
+    """
+    if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory; name a directory.")
-    if not existing.is_dir():
-        raise UsageError(f"--out {out}: {existing} is not a directory.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: {existing} is not writable; name another directory.")
+    created, path = [], out
+    while not os.path.lexists(path) and path != path.parent:  # deepest first: the order to remove them in
+        created.append(path)
+        path = path.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=".curvature-write-check-", dir=out)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot create a directory and write in it ({_describe(error)}); name "
+                         "another directory.") from error
+    finally:
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def _write(report: SharpnessReport, run: dict[str, Any], out: Path, start_all: float) -> list[Path]:

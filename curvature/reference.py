@@ -30,6 +30,8 @@ __all__ = ["empirical_fisher", "fisher", "ggn", "hessian_matrix"]
 
 def _cat(parts: list[Any]) -> Any:
     first = parts[0]
+    if first is None:  # batches without targets
+        return None
     if isinstance(first, torch.Tensor):
         return torch.cat(parts)
     if isinstance(first, dict):
@@ -37,6 +39,17 @@ def _cat(parts: list[Any]) -> Any:
     if isinstance(first, (tuple, list)):
         return type(first)(_cat([p[i] for p in parts]) for i in range(len(first)))
     raise TypeError(f"cannot concatenate batches of type {type(first).__name__}.")
+
+
+def _sample(obj: Any, n: int) -> Any:
+    """Sample ``n`` of a batch of targets (a tensor or a container of tensors), keeping the batch dimension."""
+    if isinstance(obj, torch.Tensor):
+        return obj[n:n + 1]
+    if isinstance(obj, dict):
+        return {key: _sample(val, n) for key, val in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_sample(val, n) for val in obj)
+    return obj
 
 
 def _to64(obj: Any) -> Any:
@@ -90,7 +103,8 @@ class _Setup:
 
     def per_sample_losses(self, theta: torch.Tensor) -> torch.Tensor:
         z = self.outputs(theta)
-        return torch.stack([self.loss_fn(z[n:n + 1], self.targets[n:n + 1]) for n in range(z.shape[0])])
+        y = self.targets
+        return torch.stack([self.loss_fn(z[n:n + 1], None if y is None else _sample(y, n)) for n in range(z.shape[0])])
 
 
 def hessian_matrix(

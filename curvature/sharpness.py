@@ -18,6 +18,7 @@ from .linalg.density import SpectralDensity, spectral_density
 from .linalg.eigen import eigenvalues
 from .linalg.trace import MIN_MATVECS, TRACE_METHODS, Estimate, frobenius_norm, trace
 from .operators.base import LinearOperator
+from .operators.curvature import CurvatureOperator
 from .operators.ggn import EmpiricalFisherOperator, FisherOperator, GGNOperator
 from .operators.hessian import HessianOperator
 from .sampling import resolve_generator
@@ -25,7 +26,7 @@ from .sampling import resolve_generator
 __all__ = ["METRICS", "MONITOR_METRICS", "SharpnessMonitor", "SharpnessReport", "sharpness"]
 
 METRICS = ("lambda_max", "top_k", "lambda_min", "trace", "frobenius_norm", "density")
-OPERATORS: dict[str, Callable[..., LinearOperator]] = {
+OPERATORS: dict[str, Callable[..., CurvatureOperator]] = {
     "hessian": HessianOperator,
     "ggn": GGNOperator,
     "fisher": FisherOperator,
@@ -147,6 +148,11 @@ class _Progress(LinearOperator):
         out = self.op.matmat(V)
         self.bar.update(V.shape[1])
         return out
+
+    def higher_precision(self) -> LinearOperator | None:
+        """The float32 view of the operator (half-precision models), its products counted on the same bar."""
+        inner = self.op.higher_precision()
+        return None if inner is None else _Progress(inner, self.bar)
 
 
 def sharpness(
@@ -308,6 +314,13 @@ class SharpnessMonitor:
     mode (dropout, batch norm) is refused by the operator; pass ``eval_mode=True`` to measure it in eval mode
     (every module's flag is restored afterwards).
 
+    The curvature operator is built once, at construction (in eval mode with ``eval_mode=True``), so that its
+    checks run before any training step: data that is a one-shot iterator (a generator) or makes the loss NaN
+    or Inf on its first batch, a ``params=`` naming no parameter of the model, a model refused in its mode, a
+    loss that does not reduce the batch. The model is left unchanged by them. Every measurement reuses the
+    operator, which follows the parameters as training updates them (it is rebuilt if they move to another
+    device or dtype).
+
     Measuring λ_max during training is how progressive sharpening and the edge of stability are seen: with
     full-batch gradient descent at step size η, λ_max rises until it reaches 2/η and hovers there (Cohen,
     Kaur, Li, Kolter & Talwalkar 2021, "Gradient Descent on Neural Networks Typically Occurs at the Edge of
@@ -332,7 +345,9 @@ class SharpnessMonitor:
         **operator_kwargs: Passed to the operator (``params=``, ``reduction=``, ...).
 
     Raises:
-        ValueError: On an unknown metric or operator, ``every`` below 1, or a non-positive ``tol``.
+        ValueError: On an unknown metric or operator, ``every`` below 1, or a non-positive ``tol``, and whatever
+            the operator refuses at construction (data, ``params``, a non-finite loss, the model's mode).
+        TypeError: On a flag that is not a bool, and data or arguments of the wrong type for the operator.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -387,6 +402,19 @@ class SharpnessMonitor:
         self.calls = 0
         self.total_matvecs = 0
         self._vectors: dict[str, torch.Tensor] = {}
+        self._op = self._build_operator()  # its checks refuse bad data, params or modes before any training step
+
+    def _build_operator(self) -> CurvatureOperator:
+        """Build the curvature operator, in eval mode with ``eval_mode=True`` (every module's flag restored)."""
+        with eval_mode(self.model, enabled=self.eval_mode):
+            return OPERATORS[self.operator](self.model, self.loss_fn, self.data, **self.operator_kwargs)
+
+    def _operator(self) -> CurvatureOperator:
+        """The operator built at construction, or a new one if the parameters moved to another device or dtype."""
+        first = dict(self._op.model.named_parameters()).get(self._op.param_names[0])  # (unwrapped from DDP)
+        if first is None or (first.dtype, first.device) != (self._op.dtype, self._op.device):
+            self._op, self._vectors = self._build_operator(), {}
+        return self._op
 
     def step(self) -> dict[str, Any] | None:
         """Count one training step; measure when it is due.
@@ -407,7 +435,8 @@ class SharpnessMonitor:
         """
         start = time.perf_counter()
         with eval_mode(self.model, enabled=self.eval_mode):
-            op = OPERATORS[self.operator](self.model, self.loss_fn, self.data, **self.operator_kwargs)
+            op = self._operator()
+            before = op.num_matvecs
             entry: dict[str, Any] = {"step": self.calls, "residuals": {}}
             for metric in self.metrics:
                 if metric == "trace":
@@ -421,9 +450,10 @@ class SharpnessMonitor:
                 entry[metric] = float(result.values[0])
                 entry["residuals"][metric] = float(result.residuals[0])
                 entry.setdefault("converged", {})[metric] = bool(result.converged)
-        entry["num_matvecs"] = op.num_matvecs
+        op.clear_cache()  # the parameters change before the next measurement: keep no graph alive meanwhile
+        entry["num_matvecs"] = op.num_matvecs - before
         entry["seconds"] = time.perf_counter() - start
-        self.total_matvecs += op.num_matvecs
+        self.total_matvecs += entry["num_matvecs"]
         self.history.append(entry)
         return entry
 

@@ -42,6 +42,35 @@ class TiedDictModel(nn.Module):
         return self.head(torch.tanh(self.second(torch.tanh(self.first(x) + shift))))
 
 
+class Squeeze(nn.Module):
+    """Drop the last dimension: ``(N, 1)`` outputs become the ``(N,)`` of the usual regression layout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.squeeze(-1)
+
+
+class TinyLM(nn.Module):
+    """Token embedding and a per-position linear head: next-token logits ``(N, T, V)``."""
+
+    def __init__(self, vocab: int = 7, dim: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens)))
+
+
+def shifted_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The usual causal language-model loss: next-token cross-entropy, padding labelled -100, mean over tokens."""
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def counted_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The number of tokens ``shifted_lm_loss`` averages over."""
+    return (labels[:, 1:] != -100).sum()
+
+
 def _mlp(sizes: list[int], act: type[nn.Module] = nn.Tanh, bias: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -180,13 +209,49 @@ def generic_loss_mean(dtype: torch.dtype) -> dict[str, Any]:
                 reduction="mean")
 
 
+def mse_1d_outputs_mean(dtype: torch.dtype) -> dict[str, Any]:
+    """Regression with ``model(x).squeeze(-1)`` outputs of shape ``(N,)``, over a loader with an uneven last batch."""
+    model = nn.Sequential(*_mlp([3, 5, 1]), Squeeze())
+    x, y = torch.randn(26, 3), torch.randn(26)
+    return dict(model=model, loss_fn=nn.MSELoss(), data=DataLoader(TensorDataset(x, y), batch_size=8))
+
+
+def mse_nd_outputs_mean(dtype: torch.dtype) -> dict[str, Any]:
+    """Regression with N-D outputs ``(N, C, L)`` from a convolution, in uneven batches."""
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv1d(3, 2, 1))
+    x, y = torch.randn(13, 2, 4), torch.randn(13, 2, 4)
+    return dict(model=model, loss_fn=nn.MSELoss(), data=_split(x, y, [6, 4, 3]))
+
+
+def bce_1d_logits_mean(dtype: torch.dtype) -> dict[str, Any]:
+    """Binary classification with ``(N,)`` logits and ``BCEWithLogitsLoss``: a torch loss with no closed form here."""
+    model = nn.Sequential(*_mlp([4, 5, 1]), Squeeze())
+    x, y = torch.randn(18, 4), torch.randint(0, 2, (18,)).float()
+    return dict(model=model, loss_fn=nn.BCEWithLogitsLoss(), data=_split(x, y, [8, 6, 4]), likelihood=False)
+
+
+def lm_shifted_tokens_mean(dtype: torch.dtype) -> dict[str, Any]:
+    """A language model with the usual shifted cross-entropy over tokens that are not padding (-100), padded
+    differently in every batch, its token count reported through ``curvature.NormalizedLoss``."""
+    import curvature
+
+    model = TinyLM()
+    tokens = torch.randint(0, 7, (12, 6))
+    labels = tokens.clone()
+    for i, length in enumerate([6, 5, 3, 6, 2, 4, 6, 6, 3, 5, 4, 2]):
+        labels[i, length:] = -100
+    loss_fn = curvature.NormalizedLoss(shifted_lm_loss, counted_tokens)
+    return dict(model=model, loss_fn=loss_fn, data=_split(tokens, labels, [4, 5, 3]), likelihood=False)
+
+
 FACTORIES: dict[str, Callable[[torch.dtype], dict[str, Any]]] = {
     f.__name__: f
     for f in [
         mlp_tanh_ce_mean, mlp_relu_mse_sum, cnn_ce_mean, nobias_mse_mean, frozen_ce_sum, layernorm_ce_mean,
         batchnorm_eval_mse_mean, embedding_ce_mean, loader_uneven_ce_mean, loader_uneven_mse_mean,
         ce_nd_logits_sum, ce_nd_ignore_index_mean, ce_weighted_mean, ce_soft_targets_smoothed_mean,
-        tied_dict_inputs_ce_sum, generic_loss_mean,
+        tied_dict_inputs_ce_sum, generic_loss_mean, mse_1d_outputs_mean, mse_nd_outputs_mean, bce_1d_logits_mean,
+        lm_shifted_tokens_mean,
     ]
 }
 

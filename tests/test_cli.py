@@ -64,12 +64,32 @@ def loader_with_loss():
     return {"data": DataLoader(TensorDataset(x, y), batch_size=16), "loss_fn": nn.MSELoss()}
 
 
+def shuffled_loader(drop_last=False):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(50, 4, generator=g), torch.randn(50, 3, generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, drop_last=drop_last)
+    return {"data": loader, "loss_fn": nn.MSELoss()}
+
+
+def shuffled_dropping_loader():
+    return shuffled_loader(drop_last=True)
+
+
 def garbage():
     return "hello"
 
 
 def wrong_width():
     return torch.randn(10, 5), torch.randint(0, 3, (10,))
+
+
+def unreduced_loss():
+    return {"data": inputs_targets(), "loss_fn": nn.CrossEntropyLoss(reduction="none")}
+
+
+def unreduced_function():
+    return {"data": inputs_targets(), "loss_fn": lambda outputs, targets: nn.functional.cross_entropy(
+        outputs, targets, reduction="none")}
 '''
 
 
@@ -338,3 +358,85 @@ def test_docs_example_runs(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "net-report" / "report.json").read_text())
     assert report["run"]["num_samples"] == 1797 and report["run"]["num_batches"] == 4
     assert (tmp_path / "net-report" / "density.png").read_bytes()[:8] == PNG
+
+
+# -- errors found before any work: --out, non-finite checkpoints, unreduced losses --------------------------
+
+
+def one_line_error_before_any_work(capsys: pytest.CaptureFixture, argv: list[str], *fragments: str) -> str:
+    """Run ``main(argv)`` in this process: status 2, one line naming every fragment, nothing printed before it."""
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # not even the "model: ..." line that starts the work
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("curvature: error: "), captured.err
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+    return lines[0]
+
+
+OUT_PLACES = ["under_a_dangling_link"] + (["under_proc"] if Path("/proc/self").is_dir() else [])
+
+
+@pytest.mark.parametrize("place", OUT_PLACES)
+def test_an_out_directory_that_cannot_be_created_is_refused_before_any_work(
+    place: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Permission bits cannot tell (os.access says yes to root for /proc): creating the directory does, for anyone."""
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    out = link / "report" if place == "under_a_dangling_link" else Path("/proc/curvature-report/out")
+    one_line_error_before_any_work(
+        capsys, ["report", "--epochs", "0", "--metrics", "lambda_max", "--out", str(out)], f"--out {out}: cannot"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"] and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("builtin", [False, True], ids=["user-model", "built-in"])
+def test_a_checkpoint_with_nan_or_inf_names_the_tensor_before_any_work(
+    builtin: bool, tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    if builtin:
+        state = curvature.cli._builtin_model().state_dict()
+        state["0.weight"][3, :2] = float("inf")
+        source, key, count = [], "0.weight", "2 of its 2048 entries"
+    else:
+        state = runpy.run_path(str(files["model"]))["make_model"]().state_dict()
+        state["2.bias"][1] = float("nan")
+        source = ["--model", f"{files['model']}:make_model", "--data", f"{files['data']}:inputs_targets"]
+        key, count = "2.bias", "1 of its 3 entries"
+    torch.save(state, tmp_path / "diverged.pt")
+    out = tmp_path / "new" / "deeper"
+    one_line_error_before_any_work(
+        capsys, ["report", *source, "--checkpoint", str(tmp_path / "diverged.pt"), "--out", str(out)],
+        "--checkpoint", f"{key} holds NaN or Inf in {count}",
+    )
+    assert not (tmp_path / "new").exists()  # the check of --out removed the directories it created
+
+
+@pytest.mark.parametrize("factory, fragment", [
+    ("unreduced_loss", "--data: the loss_fn of"),  # nn.CrossEntropyLoss(reduction='none'): refused up front
+    ("unreduced_function", "the loss returned a tensor of shape (40,) on batch 0, not a scalar"),  # by the data check
+])
+def test_a_loss_with_reduction_none_gets_the_operators_message(
+    factory: str, fragment: str, tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    one_line_error_before_any_work(
+        capsys,
+        ["report", "--model", f"{files['model']}:make_model", "--data", f"{files['data']}:{factory}", "--quiet",
+         "--out", str(tmp_path / "out")],
+        fragment, "the loss must reduce the batch to a scalar with reduction 'mean' or 'sum'",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shuffled_loader_is_measured_and_one_dropping_samples_refused(
+    tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    """The CLI converts batches on the fly; the operators still read the loader's sampler through the wrapper: a
+    random order is fine (a sum over all batches), a dropped remainder that changes with every pass is not."""
+    argv = ["report", "--model", f"{files['model']}:make_model", "--metrics", "lambda_max", "--quiet"]
+    assert main([*argv, "--data", f"{files['data']}:shuffled_loader", "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--data", f"{files['data']}:shuffled_dropping_loader", "--out", str(tmp_path / "b")]) == 2
+    error = capsys.readouterr().err
+    assert "shuffling DataLoader with drop_last=True" in error and "shuffle=False" in error

@@ -117,3 +117,26 @@ def test_one_probe_has_no_standard_error() -> None:
     density = spectral_density(torch.eye(4, dtype=torch.float64), 1, 2, seeded(0))
     assert density.trace_estimate().value == pytest.approx(4.0, rel=1e-12)
     assert math.isinf(density.trace_estimate().std_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_invariant_test_scales_with_the_products(dtype: torch.dtype) -> None:
+    """In half precision every probe runs its steps (before, 100 ε of the dtype, 0.8 ‖T‖ in bfloat16 and 0.1 ‖T‖
+    in float16, made the first β look like an invariant subspace: one node per probe), and the nodes reach the
+    extreme eigenvalues."""
+    values = torch.linspace(0.5 if dtype == torch.bfloat16 else 1.8, 2.0, 80, dtype=torch.float64)
+    Q = torch.linalg.qr(torch.randn(80, 80, dtype=torch.float64, generator=seeded(2))).Q
+    A = ((Q * values) @ Q.T).to(dtype)
+    A = ((A.double() + A.double().T) / 2).to(dtype)
+    density = spectral_density(A, 3, 25, seeded(0))
+    assert density.num_matvecs == 3 * 25
+    exact = torch.linalg.eigvalsh(A.double())
+    unit = torch.finfo(dtype).eps / 2
+    assert abs(float(density.nodes.max() - exact[-1])) <= 4 * unit * 2.0
+    assert abs(density.moment(1) - float(exact.mean())) <= 0.1 * float(exact.max() - exact.min())  # 3 probes
+
+
+def test_non_symmetric_input_is_refused() -> None:
+    M = torch.triu(torch.ones(6, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"op is not symmetric.*\(op \+ op.T\) / 2"):
+        spectral_density(M, 2, 3, seeded(0))

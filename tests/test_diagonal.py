@@ -132,3 +132,19 @@ def test_float32_and_reproducible() -> None:
 def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         diagonal(torch.eye(5, dtype=torch.float64), **kwargs)
+
+
+def test_xdiag_is_unbiased_for_a_non_symmetric_matrix() -> None:
+    """XDiag's symmetric form uses diag(Q Qᵀ A) = diag(A Q Qᵀ), which needs Aᵀ = A: on this non-symmetric matrix
+    the mean of 200 estimates missed the diagonal by 30 standard errors (root mean square over the entries).
+    For a tensor that is not symmetric (or an operator flagged so) the unbiased variant is used; Hutchinson's
+    estimator needs nothing."""
+    g = seeded(0)
+    U, V = (torch.randn(60, 3, dtype=torch.float64, generator=g) for _ in range(2))
+    A = U @ V.T + 0.3 * torch.randn(60, 60, dtype=torch.float64, generator=g)
+    for method in ("xdiag", "hutchinson"):
+        values = torch.stack([diagonal(A, method, 24, seeded(seed)).value for seed in range(200)])
+        z = (values.mean(0) - A.diagonal()) / (values.std(0) / 200**0.5)
+        assert float(z.pow(2).mean().sqrt()) <= 1.5 and float(z.abs().max()) <= 4.5, method
+    assert torch.allclose(diagonal(A, "exact").value, A.diagonal(), rtol=0, atol=1e-14)
+

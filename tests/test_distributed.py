@@ -108,7 +108,9 @@ def test_misuse_raises_on_every_rank(ranks: tuple[int, list]) -> None:
         assert errors["empty_first_batch"] < 1e-12
         if rank == 1:
             assert "NaN" in errors["nan_on_rank_1"]
-            assert errors["shape_error_on_rank_1"].startswith("RuntimeError")  # its own error, whatever its type
+            # Its own error (the model's RuntimeError, named with the batch it came from), not the agreement's.
+            assert "does not fit the model" in errors["shape_error_on_rank_1"]
+            assert "RuntimeError: mat1 and mat2" in errors["shape_error_on_rank_1"]
             assert "class indices" in errors["late_error_on_rank_1"] or "99" in errors["late_error_on_rank_1"]
         else:
             assert "failed on rank(s) [1]" in errors["nan_on_rank_1"]

@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 import torch
 from cases import make_case
-from helpers import full_data_closure, reference, rel_err
+from helpers import assert_unchanged, full_data_closure, reference, rel_err, snapshot
 from torch import nn
 
 from curvature.optim import SAM
@@ -177,3 +177,77 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="same gamma"):
         GradientRegularization([{"params": model[0].parameters(), "gamma": 0.5}, {"params": model[2].parameters()}],
                                torch.optim.SGD, gamma=0.1, lr=0.1)
+
+
+# -- modes without autograd, closures that call backward, losses that use none of the parameters -----------
+
+
+@pytest.mark.parametrize("method", ["forward", "backward", "central", "exact"])
+def test_penalty_under_inference_mode_is_the_one_computed_outside_it(method: str) -> None:
+    model, closure = problem()
+    params = list(model.parameters())
+    expected = gradient_norm_penalty(closure, params, gamma=0.3, method=method)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = snapshot(model)
+    with torch.inference_mode():
+        got = gradient_norm_penalty(closure, params, gamma=0.3, method=method)
+    assert all(torch.equal(a, b) and not a.is_inference() for a, b in zip(got, expected))
+    assert_unchanged(model, before)
+    with torch.inference_mode():
+        gradient_norm_penalty(closure, params, gamma=0.3, method=method, accumulate=True)
+    for p, g in zip(params, expected):
+        assert torch.equal(p.grad, 1 + g) and not p.grad.is_inference()
+
+
+def test_wrapper_under_inference_mode_is_the_step_taken_outside_it() -> None:
+    model, closure = problem()
+    twin = copy.deepcopy(model)
+    options = dict(gamma=0.2, method="central", lr=0.1, momentum=0.9)
+    inside = GradientRegularization(model.parameters(), torch.optim.SGD, **options)
+    outside = GradientRegularization(twin.parameters(), torch.optim.SGD, **options)
+    for step in range(3):  # two steps under inference mode, then one outside it on the momentum they kept
+        with torch.inference_mode(step < 2):
+            loss = inside.step(closure)
+        assert torch.equal(loss, outside.step(loss_of(twin))) and not loss.is_inference()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(a, b) and torch.equal(a.grad, b.grad) and not a.is_inference()
+        for a, b in zip(inside.state_dict()["state"].values(), outside.state_dict()["state"].values()):
+            assert torch.equal(a["momentum_buffer"], b["momentum_buffer"]) and not a["momentum_buffer"].is_inference()
+
+
+def test_a_closure_that_calls_backward_is_refused_with_parameters_unchanged() -> None:
+    model, closure = problem()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+
+    def lbfgs_style() -> torch.Tensor:
+        model.zero_grad()
+        loss = closure()
+        loss.backward()
+        return loss
+
+    optimizer = GradientRegularization(params, torch.optim.SGD, gamma=0.1, lr=0.1, momentum=0.9)
+    for method in ("forward", "exact"):
+        with pytest.raises(ValueError, match="must compute the loss and return it without calling backward"):
+            gradient_norm_penalty(lbfgs_style, params, gamma=0.1, method=method)
+    with pytest.raises(ValueError, match="must compute the loss and return it without calling backward"):
+        optimizer.step(lbfgs_style)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert not optimizer.state_dict()["state"]  # the base optimizer never stepped
+
+
+def test_a_loss_that_uses_none_of_the_parameters_is_refused_and_a_linear_one_is_not() -> None:
+    model, closure = problem()
+    other = copy.deepcopy(model)  # the parameters of a copy: the loss does not use them
+    params = list(other.parameters())
+    for method in ("forward", "exact"):
+        with pytest.raises(ValueError, match="does not depend on any of params; pass the parameters it is computed"):
+            gradient_norm_penalty(closure, params, gamma=0.1, method=method)
+    with pytest.raises(ValueError, match="does not depend on any of params"):
+        GradientRegularization(params, torch.optim.SGD, gamma=0.1, lr=0.1).step(closure)
+    assert all(torch.equal(p, q) and p.grad is None for p, q in zip(params, model.parameters()))
+    w = torch.tensor([1.0, -2.0], dtype=F64, requires_grad=True)  # linear: H = 0, so g + γ H g = g
+    for method in ("forward", "exact"):
+        got = gradient_norm_penalty(lambda: w @ torch.tensor([3.0, 4.0], dtype=F64), [w], 0.5, method=method)
+        assert torch.equal(got[0], torch.tensor([3.0, 4.0], dtype=F64))

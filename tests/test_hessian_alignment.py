@@ -411,3 +411,35 @@ def _bad_call(case: str) -> None:
 def test_bad_inputs_raise_clear_errors(case: str, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         _bad_call(case)
+
+
+@pytest.mark.parametrize("method", ["hgp", "hutchinson"])
+def test_under_inference_mode_the_value_and_gradients_are_those_computed_outside_it(method: str) -> None:
+    """Losses computed outside, the penalty inside ``torch.inference_mode()``: the same value, with its graph."""
+    body, params, data = _problem("mlp", 3)
+
+    def penalty() -> torch.Tensor:
+        return hessian_alignment_penalty(_losses("mlp", body, params, data), params, method=method, num_samples=20,
+                                         generator=seeded(2))
+
+    expected = penalty()
+    losses = _losses("mlp", body, params, data)
+    rng = torch.get_rng_state()
+    with torch.inference_mode():
+        got = hessian_alignment_penalty(losses, params, method=method, num_samples=20, generator=seeded(2))
+    assert torch.equal(got, expected) and got.requires_grad and not got.is_inference()
+    for a, b in zip(torch.autograd.grad(got, [body, *params]), torch.autograd.grad(expected, [body, *params])):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in [body, *params])
+    with torch.inference_mode():
+        inference_losses = _losses("mlp", body, params, data)
+    with pytest.raises(ValueError, match=r"env_losses\[0\] has no graph: it was computed under torch\.inference_mode"):
+        hessian_alignment_penalty(inference_losses, params, method=method)
+
+
+def test_a_loss_using_none_of_the_head_is_refused_by_the_rule_every_regularizer_follows() -> None:
+    body, params, data = _problem("linear", 2)
+    other = [p.detach().clone().requires_grad_() for p in params]  # a copy of the head: the losses do not use it
+    with pytest.raises(ValueError, match=r"env_losses\[0\] does not depend on any of head_params; pass the "
+                                         "parameters it is computed from"):
+        hessian_alignment_penalty(_losses("linear", body, params, data), other)

@@ -71,3 +71,45 @@ def test_start_vector_and_reproducibility() -> None:
 def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         lanczos(torch.eye(8, dtype=torch.float64), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_runs_in_float32(dtype: torch.dtype) -> None:
+    """A half-precision operator: the basis and Gram-Schmidt run in float32, the invariant-subspace test at
+    the products' rounding (8 u ‖A‖), so the process does not stop at once (100 ε of the dtype is 0.8 ‖T‖ in
+    bfloat16, 0.1 ‖T‖ in float16: before, these β passed as zero after one step) and the extreme Ritz values are
+    as exact as the products."""
+    # β about a quarter of the spectrum's width: between 8 u ‖A‖ and 100 ε ‖A‖ of the dtype
+    low = 1.0 if dtype == torch.bfloat16 else 1.8
+    values = torch.linspace(low, 2.0, 60, dtype=torch.float64)
+    Q = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64, generator=seeded(0))).Q
+    A = ((Q * values) @ Q.T).to(dtype)
+    A = ((A.double() + A.double().T) / 2).to(dtype)
+    result = lanczos(A, 30, generator=seeded(1))
+    assert result.num_steps == 30 and result.basis.dtype == dtype
+    exact = torch.linalg.eigvalsh(A.double())
+    ritz = torch.linalg.eigvalsh(result.tridiagonal())
+    unit = torch.finfo(dtype).eps / 2
+    assert abs(float(ritz[-1] - exact[-1])) <= 2 * unit * 2.0
+    assert abs(float(ritz[0] - exact[0])) <= 2 * unit * 2.0
+    # the basis, orthonormal to float32 working precision before it is rounded to the operator's dtype
+    gram = result.basis.double().T @ result.basis.double()
+    assert float((gram - torch.eye(30, dtype=torch.float64)).abs().max()) <= 4 * unit
+
+
+def test_non_symmetric_input_is_refused() -> None:
+    from curvature.operators.base import LinearOperator
+
+    class Flagged(LinearOperator):
+        def __init__(self, A: torch.Tensor) -> None:
+            super().__init__(A.shape[0], A.dtype, A.device, is_symmetric=False)
+            self.A = A
+
+        def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+            return self.A @ V
+
+    M = torch.triu(torch.ones(8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"op is not symmetric.*\(op \+ op.T\) / 2"):
+        lanczos(M, 4)
+    with pytest.raises(ValueError, match="is_symmetric=False"):
+        lanczos(Flagged((M + M.T) / 2), 4)

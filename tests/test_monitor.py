@@ -71,9 +71,8 @@ def test_monitor_changes_nothing_and_keeps_a_history(tmp_path) -> None:
     record = monitor.to_dict()
     assert record["total_matvecs"] == sum(e["num_matvecs"] for e in monitor.history) > 0
     assert monitor.plot(tmp_path / "history.png", lines={"2/eta": 1.0}).read_bytes()[:4] == b"\x89PNG"
-    strict = curvature.SharpnessMonitor(model, nn.MSELoss(), (x, y))
-    with pytest.raises(ValueError, match="drops units at random"):
-        strict.step()
+    with pytest.raises(ValueError, match="drops units at random"):  # refused when built, not at the first step
+        curvature.SharpnessMonitor(model, nn.MSELoss(), (x, y))
 
 
 def test_monitor_argument_errors() -> None:
@@ -88,3 +87,54 @@ def test_monitor_argument_errors() -> None:
         curvature.SharpnessMonitor(model, nn.MSELoss(), (x, y), operator="kfac")
     with pytest.raises(TypeError, match="warm_start must be a bool"):
         curvature.SharpnessMonitor(model, nn.MSELoss(), (x, y), warm_start=1)
+
+
+def with_nan(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[3, 2] = float("nan")
+    return x
+
+
+BAD_INPUTS = {  # name: (keyword arguments from (x, y), error, message)
+    "generator": (lambda x, y: dict(data=((x, y) for _ in range(2))), TypeError, "one-shot iterator"),
+    "nan": (lambda x, y: dict(data=(with_nan(x), y)), ValueError, "the loss on the first batch contains NaN or Inf"),
+    "misspelt params": (lambda x, y: dict(data=(x, y), params=["0.wieght"]), ValueError, "params names '0.wieght'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_monitor_refuses_bad_inputs_when_built_and_leaves_the_model_unchanged(name: str) -> None:
+    model, x, y = training_problem()
+    model.append(nn.Dropout(0.5))  # in train mode: the checks run in eval mode, and the flags come back
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = snapshot(model)
+    arguments, error, message = BAD_INPUTS[name]
+    with pytest.raises(error, match=message):
+        curvature.SharpnessMonitor(model, nn.MSELoss(), every=5, eval_mode=True, **arguments(x, y))
+    assert_unchanged(model, before)
+
+
+def test_monitor_checks_valid_inputs_when_built_and_leaves_the_model_unchanged() -> None:
+    model, x, y = training_problem()
+    model.append(nn.Dropout(0.5))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda module, inputs: forwards.append(module.training))
+    before = snapshot(model)
+    monitor = curvature.SharpnessMonitor(model, nn.MSELoss(), (x, y), params=["2.weight"], eval_mode=True,
+                                         generator=seeded(0))
+    assert_unchanged(model, before)
+    assert forwards and not any(forwards)  # the operator's checks ran at construction, in eval mode
+    hook.remove()
+    entry = monitor.step()
+    assert_unchanged(model, before)
+    assert entry is not None and entry["lambda_max"] > 0 and entry["num_matvecs"] == monitor.total_matvecs > 0
+    with torch.no_grad():  # a training step moves the weights: the next measurement follows them
+        model[2].weight.mul_(2.0)
+    second = monitor.measure()
+    H = curvature.HessianOperator(model.eval(), nn.MSELoss(), (x, y), params=["2.weight"])
+    fresh = float(curvature.eigenvalues(H, tol=1e-10, generator=seeded(5)).values[0])
+    assert abs(second["lambda_max"] - fresh) <= monitor.tol * fresh
+    assert monitor.total_matvecs == entry["num_matvecs"] + second["num_matvecs"]

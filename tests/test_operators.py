@@ -268,3 +268,29 @@ def test_switching_to_train_mode_is_refused_at_the_product() -> None:
         assert_unchanged(model, before)
         model.eval()
         assert rel_err(H @ v, reference("hessian", case["name"]) @ v) <= 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "empirical_fisher"])
+@pytest.mark.parametrize("case_name", ["mlp_tanh_ce_mean", "tied_dict_inputs_ce_sum", "loader_uneven_mse_mean",
+                                       "lm_shifted_tokens_mean"])
+def test_higher_precision_view_of_a_half_precision_operator(kind: str, case_name: str, dtype: torch.dtype) -> None:
+    """The float32 view is the exact curvature of the half-precision model (its weights and data as they are) to
+    float32 rounding, where the half-precision products are off by their dtype; the model is untouched."""
+    case = make_case(case_name, dtype)
+    extra = {"reduction": case["reduction"]} if kind == "empirical_fisher" and "reduction" in case else {}
+    exact = OPERATORS[kind][1](case["model"], case["loss_fn"], case["data"], **extra)  # of the half model, in f64
+    before = snapshot(case["model"])
+    op = _build(kind, case)
+    view = op.higher_precision()
+    assert view.dtype == torch.float32 and view.shape == op.shape and view.is_psd == op.is_psd
+    assert rel_err(view.to_dense(), exact) <= 1e-6
+    assert rel_err(op.to_dense(), exact) >= 1e-4  # what the view removes
+    assert (2.0 * op.damped(0.5)).higher_precision() is not None
+    assert_unchanged(case["model"], before)
+    assert _build(kind, make_case(case_name, torch.float32)).higher_precision() is None
+
+
+def test_higher_precision_needs_a_loss_without_half_precision_tensors() -> None:
+    case = make_case("ce_weighted_mean", torch.bfloat16)  # CrossEntropyLoss(weight=...) in bfloat16
+    assert GGNOperator(case["model"], case["loss_fn"], case["data"]).higher_precision() is None

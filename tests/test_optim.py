@@ -9,7 +9,7 @@ from typing import Any, Callable
 import pytest
 import torch
 from cases import make_case
-from helpers import OPERATORS, full_data_closure, reference, rel_err, snapshot
+from helpers import OPERATORS, assert_unchanged, full_data_closure, reference, rel_err, snapshot
 from torch import nn
 
 import curvature
@@ -403,3 +403,87 @@ def test_freezing_a_parameter_between_steps_restarts_cg_from_zero() -> None:
     bias = model[0].bias.detach().clone()
     optimizer.step(fn)
     assert torch.equal(model[0].bias, bias)
+
+
+# -- modes without autograd, and closures that call backward ----------------------------------------------
+
+
+def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Two optimizer state dicts hold the same values, bit for bit (NaN equal to NaN), and no inference tensor."""
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for key, state in a["state"].items():
+        assert state.keys() == b["state"][key].keys()
+        for name, value in state.items():
+            other = b["state"][key][name]
+            if isinstance(value, torch.Tensor):
+                assert not value.is_inference() and torch.equal(value, other), name
+            else:
+                assert value == other or (math.isnan(value) and math.isnan(other)), name
+
+
+def ggn_factory(model: nn.Module) -> Callable[[list[torch.Tensor]], Any]:
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, dtype=F64, generator=generator), torch.randn(40, 2, dtype=F64, generator=generator)
+    return lambda params: curvature.GGNOperator(model, nn.MSELoss(), (x, y), params=params)
+
+
+@pytest.mark.parametrize("curvature_kind", ["hessian", "ggn"])
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_a_step_under_inference_mode_is_the_step_taken_outside_it(kind: str, curvature_kind: str) -> None:
+    """Three steps inside ``torch.inference_mode()``, then one outside, against a twin stepped outside throughout."""
+    model, fn = regression(seed=5)
+    twin, twin_fn = regression(seed=5)
+    curvatures = {"hessian": ("hessian", "hessian"), "ggn": (ggn_factory(model), ggn_factory(twin))}[curvature_kind]
+    inside = OPTIMIZERS[kind](model.parameters(), curvature=curvatures[0])
+    outside = OPTIMIZERS[kind](twin.parameters(), curvature=curvatures[1])
+    before = snapshot(model)
+    for step in range(4):
+        if step < 3:
+            with torch.inference_mode():
+                loss = inside.step(fn)
+        else:  # the state kept under inference mode serves a step outside it
+            loss = inside.step(fn)
+        expected = outside.step(twin_fn)
+        assert torch.equal(loss, expected) and not loss.is_inference()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(a, b) and not a.is_inference()
+        assert_same_state(inside.state_dict(), outside.state_dict())
+    before["params"] = snapshot(model)["params"]  # only the parameters moved: .grad, buffers, modes, RNG did not
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_a_loss_computed_under_inference_mode_is_refused_naming_it(kind: str) -> None:
+    model, fn = regression()
+    optimizer = OPTIMIZERS[kind](model.parameters())
+    before = snapshot(model)
+
+    def closure() -> torch.Tensor:
+        with torch.inference_mode():
+            return fn()
+
+    with pytest.raises(ValueError, match=r"computed under torch\.inference_mode\(\)"):
+        optimizer.step(closure)
+    assert_unchanged(model, before)
+    assert not optimizer.state
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_a_closure_that_calls_backward_is_refused_with_parameters_and_state_unchanged(kind: str) -> None:
+    """The torch.optim.LBFGS closure style: zero_grad, loss, backward, return loss."""
+    model, fn = regression()
+    optimizer = OPTIMIZERS[kind](model.parameters())
+    optimizer.step(fn)  # some state to keep
+    state = copy.deepcopy(optimizer.state_dict())
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def lbfgs_style() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="must compute the loss and return it without calling backward"):
+        optimizer.step(lbfgs_style)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert_same_state(optimizer.state_dict(), state)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 from helpers import build, reference, rel_err
 
+import curvature
 from curvature.optim import functional as F
 
 F64 = torch.float64
@@ -40,12 +42,21 @@ def test_hessian_free_step_on_damped_ggn_matches_dense_solve(case_name: str) -> 
     G, dense = build("ggn", case_name), reference("ggn", case_name)
     g = vector(G.shape[0])
     damping = 1e-3 * float(torch.linalg.eigvalsh(dense)[-1]) + 1e-6
-    step = F.hessian_free_step(G, g, damping, tol=1e-13)
-    truth = torch.linalg.solve(dense + damping * torch.eye(len(g), dtype=F64), -g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", curvature.PrecisionWarning)  # an inner solve reports, it does not warn
+        step = F.hessian_free_step(G, g, damping, tol=1e-13)
+    damped = dense + damping * torch.eye(len(g), dtype=F64)
+    truth = torch.linalg.solve(damped, -g)
     assert rel_err(step.direction, truth) < 1e-9
     assert rel_err(step.curvature_product, dense @ step.direction) < 1e-10
-    assert step.converged and not step.negative_curvature and not step.fallback
-    assert step.num_matvecs == step.iterations + 1
+    assert not step.negative_curvature and not step.fallback
+    # One product for the curvature product, and one more where CG cannot vouch for tol = 1e-13 by its
+    # recurrence (ε ‖A‖ ‖x‖ above 1% of it) and computes the residual of x afresh (curvature.solve). With
+    # κ up to 1e3, 1e-13 is below ε κ: converged may then be False, but when it is True it holds.
+    assert step.iterations + 1 <= step.num_matvecs <= step.iterations + 2
+    residual = float((damped @ step.direction + g).norm() / g.norm())
+    assert not step.converged or residual <= 1e-13 + 64 * torch.finfo(F64).eps * float(
+        torch.linalg.matrix_norm(damped, 2) * step.direction.norm() / g.norm())
 
 
 def test_regularized_newton_step_on_hessian_matches_dense_solve(case_name: str) -> None:

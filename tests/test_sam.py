@@ -269,3 +269,83 @@ def test_unused_parameters_keep_no_gradient_and_are_not_stepped() -> None:
         optimizer = make([*model.parameters(), spare])
         optimizer.step(lambda: nn.functional.cross_entropy(model(x), y))  # noqa: B023 (called right here)
         assert spare.grad is None and torch.equal(spare, torch.ones(3, dtype=F64))  # no weight-decay step
+
+
+# -- modes without autograd, closures that call backward, losses that use none of the parameters -----------
+
+
+def assert_same_optimizer(a: SAM, b: SAM) -> None:
+    """Bit-identical parameters, .grad and base-optimizer state, none of them inference tensors."""
+    for p, q in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
+        assert torch.equal(p, q) and not p.is_inference()
+        assert (p.grad is None and q.grad is None) or (torch.equal(p.grad, q.grad) and not p.grad.is_inference())
+    mine, theirs = a.state_dict(), b.state_dict()
+    assert mine["state"].keys() == theirs["state"].keys()
+    for key, state in mine["state"].items():
+        for name, value in state.items():
+            assert not value.is_inference() and torch.equal(value, theirs["state"][key][name]), name
+
+
+def test_step_under_inference_mode_is_the_step_taken_outside_it() -> None:
+    model, x, y = problem()
+    twin = copy.deepcopy(model)
+    inside = SAM(model.parameters(), torch.optim.SGD, rho=0.1, adaptive=True, lr=0.1, momentum=0.9)
+    outside = SAM(twin.parameters(), torch.optim.SGD, rho=0.1, adaptive=True, lr=0.1, momentum=0.9)
+    for step in range(3):  # two steps under inference mode, then one outside it on the state they kept
+        with torch.inference_mode(step < 2):
+            loss = inside.step(lambda: nn.functional.cross_entropy(model(x), y))
+        expected = outside.step(lambda: nn.functional.cross_entropy(twin(x), y))
+        assert torch.equal(loss, expected) and not loss.is_inference()
+        assert_same_optimizer(inside, outside)
+
+
+def test_first_and_second_step_under_inference_mode_are_the_steps_taken_outside_it() -> None:
+    model, x, y = problem()
+    twin = copy.deepcopy(model)
+    inside = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    outside = SAM(twin.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    for step in range(3):  # two rounds with the steps under inference mode, then one outside it
+        for sam, m in ((inside, model), (outside, twin)):
+            nn.functional.cross_entropy(m(x), y).backward()
+            with torch.inference_mode(step < 2 and sam is inside):
+                sam.first_step(zero_grad=True)
+            nn.functional.cross_entropy(m(x), y).backward()
+            with torch.inference_mode(step < 2 and sam is inside):
+                sam.second_step(zero_grad=True)
+        assert_same_optimizer(inside, outside)
+
+
+def test_a_closure_that_calls_backward_is_refused_with_parameters_and_state_unchanged() -> None:
+    model, x, y = problem()
+    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    optimizer.step(lambda: nn.functional.cross_entropy(model(x), y))  # momentum buffers to keep
+    state = copy.deepcopy(optimizer.state_dict())
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def lbfgs_style() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="must compute the loss and return it without calling backward"):
+        optimizer.step(lbfgs_style)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    after = optimizer.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    for key, buffers in state["state"].items():
+        assert torch.equal(after["state"][key]["momentum_buffer"], buffers["momentum_buffer"])
+
+
+def test_a_loss_that_uses_none_of_the_parameters_is_refused_and_a_linear_one_is_not() -> None:
+    model, x, y = problem()
+    other = copy.deepcopy(model)  # the parameters of a copy: the loss does not use them
+    before = [p.detach().clone() for p in other.parameters()]
+    optimizer = SAM(other.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="does not depend on any of params; pass the parameters it is computed"):
+        optimizer.step(lambda: nn.functional.cross_entropy(model(x), y))
+    assert all(torch.equal(p, b) for p, b in zip(other.parameters(), before))
+    assert all(p.grad is None for p in other.parameters())
+    w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=F64))  # linear: zero Hessian, constant gradient (3, 4)
+    SAM([w], torch.optim.SGD, rho=0.5, lr=0.1).step(lambda: w @ torch.tensor([3.0, 4.0], dtype=F64))
+    assert torch.equal(w.grad, torch.tensor([3.0, 4.0], dtype=F64))

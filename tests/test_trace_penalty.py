@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 from cases import make_case
-from helpers import full_data_closure, reference, rel_err, seeded
+from helpers import assert_unchanged, full_data_closure, reference, rel_err, seeded, snapshot
 from torch import nn
 from torch.func import functional_call, grad, hessian
 
+import curvature
 from curvature.regularizers import hessian_trace_penalty
 from curvature.sampling import probes
 
@@ -112,3 +113,36 @@ def test_argument_errors() -> None:
         hessian_trace_penalty(loss, model.parameters(), num_samples=0)
     with pytest.raises(TypeError, match="generator"):
         hessian_trace_penalty(loss, model.parameters(), generator=0)
+
+
+def test_under_inference_mode_the_value_and_gradient_are_those_computed_outside_it() -> None:
+    """A loss computed outside, the penalty inside ``torch.inference_mode()``: the same value, with its graph."""
+    model, x, y = tiny()
+    expected = hessian_trace_penalty(nn.functional.cross_entropy(model(x), y), model.parameters(), 3, seeded(2))
+    loss = nn.functional.cross_entropy(model(x), y)
+    before = snapshot(model)
+    with torch.inference_mode():
+        got = hessian_trace_penalty(loss, model.parameters(), 3, seeded(2))
+    assert_unchanged(model, before)
+    assert torch.equal(got, expected) and got.requires_grad and not got.is_inference()
+    params = list(model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got, params),
+                                                 torch.autograd.grad(expected, params)))
+    with torch.inference_mode():
+        inference_loss = nn.functional.cross_entropy(model(x), y)
+    with pytest.raises(ValueError, match=r"the loss has no graph: it was computed under torch\.inference_mode"):
+        hessian_trace_penalty(inference_loss, model.parameters())
+
+
+def test_a_loss_using_none_of_the_parameters_is_refused_and_partly_unused_ones_add_nothing() -> None:
+    model, x, y = tiny()
+    other, _, _ = tiny()  # the same weights in another model: the loss does not use them
+    loss = nn.functional.cross_entropy(model(x), y)
+    with pytest.raises(ValueError, match="the loss does not depend on any of params; pass the parameters it is"):
+        hessian_trace_penalty(loss, other.parameters())
+    spare = torch.ones(3, dtype=F64, requires_grad=True)  # unused beside used ones: zero curvature, no error
+    value = hessian_trace_penalty(loss, [spare, *model.parameters()], num_samples=4, generator=seeded(0))
+    size = sum(p.numel() for p in model.parameters())
+    V = same_probes(3 + size, 4, seed=0)[3:]  # the probe rows of the used parameters
+    H = curvature.reference.hessian_matrix(model, nn.CrossEntropyLoss(), (x, y))
+    assert value.item() == pytest.approx(float(torch.einsum("pi,pq,qi->", V, H, V)) / 4, rel=1e-10)

@@ -109,8 +109,9 @@ class hessian:  # noqa: N801 (PyHessian's name, so that only the import changes)
         Args:
             maxIter: Products per eigenvalue: the budget is ``maxIter * top_n`` (at least 100); an unconverged
                 result is returned with a warning.
-            tol: Relative residual tolerance :math:`\|Hv - \theta v\| \le \mathrm{tol}\,|\theta|` (not
-                PyHessian's relative change between iterations).
+            tol: The relative error of each eigenvalue, certified by a residual-and-gap bound
+                (:func:`curvature.eigenvalues`); not PyHessian's relative change between iterations, which
+                bounds nothing.
             top_n: The number of eigenpairs.
             generator: The source of the start vector; None uses a copy of the global generator, which is
                 left untouched, so two calls give the same numbers.

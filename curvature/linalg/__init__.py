@@ -1,8 +1,12 @@
 """Matrix-free linear algebra on curvature operators: eigenvalues, trace and diagonal estimators, SLQ, solves.
 
-Every function takes any symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device``.
+Every function takes an operator with ``@``, ``.shape``, ``.dtype`` and ``.device``; eigenvalue methods,
+Lanczos, SLQ and the solvers need it symmetric, trace, diagonal and Frobenius-norm estimators do not. Whatever
+the operator's dtype, the estimators compute in at least float32 and their rounding-level tests scale with
+what its products can deliver (``curvature.linalg._operand``).
 """
 
+from ._operand import PrecisionWarning
 from .density import SpectralDensity, spectral_density
 from .diagonal import diagonal
 from .eigen import EigenResult, eigenvalues
@@ -14,6 +18,7 @@ __all__ = [
     "EigenResult",
     "Estimate",
     "LanczosResult",
+    "PrecisionWarning",
     "SolveResult",
     "SpectralDensity",
     "diagonal",

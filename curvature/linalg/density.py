@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .._checks import check_count, check_scalar
-from ..sampling import check_distribution, probes, resolve_generator
+from ..sampling import check_distribution, resolve_generator
 from ._operand import Operand
 from .lanczos import _tridiagonal, lanczos_many
 from .trace import Estimate
@@ -161,8 +161,14 @@ def spectral_density(
     the run stops once every probe is finished (at most twice the products a low-rank operator needs);
     ``num_matvecs`` counts the products that entered the quadrature, ``n_v`` times the steps each probe took.
 
+    Precision: as in :func:`~curvature.linalg.lanczos.lanczos`, the Lanczos vectors live in the working
+    precision (at least float32) and a probe's Krylov space counts as invariant when ``β`` falls to the rounding
+    level of the products (``8 u ‖T‖`` in float16 and bfloat16, ``100 ε ‖T‖`` otherwise).
+
     Args:
-        op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device``.
+        op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device`` (a dense tensor must be
+            symmetric to rounding, :func:`~curvature.linalg._operand.check_symmetric`; an operator flagged
+            ``is_symmetric=False`` is refused).
         num_probes: The number of probe vectors ``n_v``.
         num_steps: Lanczos steps per probe ``m`` (capped at ``P``).
         generator: The source of the probes; None draws from a copy of torch's global generator
@@ -173,7 +179,7 @@ def spectral_density(
         A :class:`SpectralDensity`.
 
     Raises:
-        ValueError: If ``num_probes``, ``num_steps`` or ``distribution`` are invalid.
+        ValueError: If ``num_probes``, ``num_steps`` or ``distribution`` are invalid, or ``op`` is not symmetric.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 1.0, 2.0, 4.0], dtype=torch.float64))
@@ -187,7 +193,7 @@ def spectral_density(
     check_distribution(distribution)
     generator = resolve_generator(generator)
     num_steps = min(num_steps, operand.size)
-    V0 = probes(distribution, (operand.size, num_probes), generator, operand.dtype, operand.device)
+    V0 = operand.probes(distribution, (operand.size, num_probes), generator)
     run = lanczos_many(operand, V0, num_steps)
     nodes, weights, owner = [], [], []
     for p, m in enumerate(run.lengths):

@@ -40,7 +40,14 @@ def diagonal(
           d_i = \operatorname{diag}(Q_{(i)} Q_{(i)}^\top A)
                 + \omega_i \odot (I - Q_{(i)} Q_{(i)}^\top) A \omega_i,
 
-      exact on the low-rank part that the other probes capture, Hutchinson on the rest. Much better than
+      exact on the low-rank part that the other probes capture, Hutchinson on the rest. That form is unbiased
+      for a symmetric ``A`` only: for a general one :math:`\operatorname{diag}(P A) \ne
+      \operatorname{diag}(A P)`, and what the products give is :math:`\operatorname{diag}(A Q_{(i)}
+      Q_{(i)}^\top)` (``diag(P A)`` needs products with ``Aᵀ``). For an operator known not to be symmetric
+      (flagged ``is_symmetric=False``, or a dense tensor that is not symmetric to rounding) XDiag therefore
+      takes :math:`d_i = \operatorname{diag}(A Q_{(i)} Q_{(i)}^\top) + \omega_i \odot A (I - Q_{(i)}
+      Q_{(i)}^\top) \omega_i`, unbiased for any ``A`` (the same products, :math:`A (I - Q_{(i)}
+      Q_{(i)}^\top) \omega_i = A\omega_i - A Q\, Q_{(i)}`-coordinates of :math:`\omega_i`). Much better than
       Hutchinson when the spectrum decays fast, much worse when it is flat and the diagonal dominates
       (``1000 I`` plus small off-diagonal noise: relative error 0.17 against Hutchinson's 1.5e-6 at 40
       products), where its low-rank part only adds noise; hence not the default.
@@ -53,7 +60,8 @@ def diagonal(
     ``P = 400`` (``tests/test_diagonal.py``), more when ``n`` approaches ``P``.
 
     Args:
-        op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device``.
+        op: A square operator with ``@``, ``.shape``, ``.dtype`` and ``.device``, symmetric or not (for an
+            operator known not to be symmetric, XDiag uses the variant above).
         method: ``"hutchinson"``, ``"xdiag"`` or ``"exact"``.
         num_matvecs: The product budget (at least 2 for Hutchinson, 4 for XDiag; ignored by ``"exact"``).
         generator: The source of the probes; None draws from a copy of torch's global generator
@@ -72,7 +80,7 @@ def diagonal(
         >>> diagonal(A, method="hutchinson", num_matvecs=2, generator=torch.Generator().manual_seed(0)).value
         tensor([1., 2., 3., 4., 5.], dtype=torch.float64)
     """
-    operand = Operand(op, deferred=True)
+    operand = Operand(op, deferred=True, symmetric=False)
     if method not in DIAGONAL_METHODS:
         raise ValueError(f"method must be one of {DIAGONAL_METHODS}, got {method!r}.")
     check_distribution(distribution)
@@ -108,7 +116,7 @@ def _per_entry(total: torch.Tensor, total_sq: torch.Tensor, count: int, operand:
 
 
 def _exact(operand: Operand) -> Estimate:
-    value = exact_diagonal(operand)
+    value = exact_diagonal(operand).to(operand.dtype)
     operand.check()
     return Estimate(value=value, std_error=torch.zeros_like(value), num_matvecs=operand.num_matvecs)
 
@@ -117,14 +125,21 @@ def _xdiag(operand: Operand, m: int, distribution: str, generator: torch.Generat
     n = min(m // 2, operand.size)
     parts = xtrace_samples(operand, n, distribution, generator)
     Om, Y, Q, R, Z, S = (parts[key] for key in ("Om", "Y", "Q", "R", "Z", "S"))
-    low = (Q * Z).sum(1)  # diag(Q Qᵀ A)
+    low = (Q * Z).sum(1)  # diag(A Q Qᵀ), which equals diag(Q Qᵀ A) when A is symmetric
     if S is None:
         # Rank-deficient sketch: Q spans A's range, so (I - QQᵀ) A ω_i measures what the basis misses.
-        terms = Om * (Y - Q @ R)
-    else:
+        terms = Om * (Y - Q @ R) if operand.is_symmetric else Om * (Y - Z @ (Q.T @ Om))
+    elif operand.is_symmetric:
         QS = Q @ S
         # diag(Q_(i) Q_(i)ᵀ A) = diag(QQᵀA) - q_i ⊙ A q_i with q_i = Q S_i, and
         # (I - Q_(i) Q_(i)ᵀ) A ω_i = q_i (S_iᵀ R_i) because A ω_i = Q R_i lies in range(Q).
         terms = Om * QS * (S * R).sum(0) - QS * (Z @ S)
+    else:
+        # Any square A: diag(A Q_(i) Q_(i)ᵀ) = diag(A QQᵀ) - (A q_i) ⊙ q_i (what `low` and the second term
+        # give), and A (I - Q_(i) Q_(i)ᵀ) ω_i = Y_i + Z a_i with a_i = -Qᵀω_i + S_i (S_iᵀ Qᵀ ω_i), the
+        # coordinates in Q of (I - Q_(i) Q_(i)ᵀ) ω_i - ω_i (as in XTrace).
+        W = Q.T @ Om
+        a = -W + S * (S * W).sum(0)
+        terms = Om * (Y + Z @ a) - (Q @ S) * (Z @ S)
     estimates = (low.unsqueeze(1) + terms).double()  # column i: the leave-one-out estimate d_i
     return _per_entry(estimates.sum(1), estimates.pow(2).sum(1), n, operand)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .._checks import check_count
-from ..sampling import probes, resolve_generator
+from ..sampling import resolve_generator
 from ._operand import Operand
 
 __all__ = ["LanczosResult", "lanczos"]
@@ -71,7 +71,17 @@ def lanczos(
     ``(e_1ᵀ U)²`` over its eigenvectors ``U`` are the Gauss quadrature weights of the spectral measure of
     ``A`` seen from ``v0`` (the basis of stochastic Lanczos quadrature, Golub & Meurant 2010). The
     process ends early when ``β`` vanishes (the Krylov space is invariant, so every Ritz value is an exact
-    eigenvalue).
+    eigenvalue): when ``β ≤ η``, the rounding level of the products, ``η = max(8 u, 100 ε_w) ‖T‖``
+    (:meth:`~curvature.linalg._operand.Operand.noise`; ``u`` the unit roundoff of the operator's dtype,
+    ``ε_w`` the machine epsilon of the working precision).
+
+    Precision: the basis, the reorthogonalization and the coefficients are computed in the working precision,
+    at least float32 (:class:`~curvature.linalg._operand.Operand`); only the products run in the operator's
+    dtype. For a float16 or bfloat16 operator the invariant-subspace test is therefore ``β ≤ 8 u ‖T‖``, what
+    the products can resolve (it was ``100 ε`` of the half dtype, 0.8 ``‖T‖`` in bfloat16: every process
+    "ended" after one step), and the Ritz values are as exact as the products (within ``2 u ‖A‖`` of the
+    float64 eigenvalues on the registry's models, ``benchmarks/precision.py``). The basis is returned rounded
+    to the operator's dtype.
 
     Cost: one product per step, ``O(P m²)`` flops and ``P m`` memory for the reorthogonalization. No step
     reads a value on the host: the test for an invariant subspace runs on the operator's device, and the
@@ -81,8 +91,9 @@ def lanczos(
     number of times.
 
     Args:
-        op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device`` (a curvature operator
-            or a dense tensor).
+        op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device``: a curvature operator
+            (refused if flagged ``is_symmetric=False``), a dense tensor (refused unless symmetric to rounding,
+            :func:`~curvature.linalg._operand.check_symmetric`), or any object with ``@`` (trusted).
         num_steps: The largest number of steps ``m``; at most ``P``.
         v0: The start vector ``(P,)``; None draws a Gaussian one from ``generator``.
         generator: The source of the random start vector; None draws from a copy of torch's global generator
@@ -93,7 +104,8 @@ def lanczos(
         A :class:`LanczosResult`.
 
     Raises:
-        ValueError: If ``num_steps`` is out of range or ``v0`` is zero or does not match ``op``.
+        ValueError: If ``num_steps`` is out of range, ``v0`` is zero or does not match ``op``, or ``op`` is not
+            symmetric.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
@@ -107,16 +119,16 @@ def lanczos(
         raise ValueError(f"num_steps={num_steps} exceeds the operator's size {operand.size}; use at most that.")
     generator = resolve_generator(generator)
     if v0 is None:
-        start = probes("gaussian", (operand.size, 1), generator, operand.dtype, operand.device)
+        start = operand.probes("gaussian", (operand.size, 1), generator)
     else:
-        start = operand.check_vector(v0, "v0").unsqueeze(1)
+        start = operand.work(operand.check_vector(v0, "v0")).unsqueeze(1)
     run = lanczos_many(operand, start, num_steps)
     m = int(run.lengths[0])
     return LanczosResult(
         alpha=run.alpha[0, :m].clone(),
         beta=run.beta[0, : m - 1].clone(),
         residual_norm=float(run.beta[0, m - 1]),
-        basis=run.basis[0, :m].T.contiguous() if keep_basis else None,
+        basis=run.basis[0, :m].T.to(operand.dtype).contiguous() if keep_basis else None,
         num_matvecs=run.num_matvecs,
     )
 
@@ -158,9 +170,9 @@ def lanczos_many(operand: Operand, V0: torch.Tensor, num_steps: int) -> _Many:
     norms = V0.norm(dim=0)
     if bool((norms == 0).any()):
         raise ValueError("the Lanczos start vector is zero; pass a nonzero v0.")
-    eps = torch.finfo(operand.dtype).eps
-    # One contiguous (m, P) basis per process, so that the reorthogonalization is two batched matrix
-    # products over the processes.
+    # One contiguous (m, P) basis per process, in the working precision, so that the reorthogonalization is
+    # two batched matrix products over the processes.
+    V0 = operand.work(V0)
     basis = V0.new_zeros(b, num_steps, size)
     basis[:, 0] = (V0 / norms).T
     alpha = torch.zeros(b, num_steps, dtype=torch.float64, device=device)
@@ -180,7 +192,7 @@ def lanczos_many(operand: Operand, V0: torch.Tensor, num_steps: int) -> _Many:
         a_j = (coef[:, j, 0] + coef2[:, j, 0]).double()
         b_j = W.norm(dim=1).double()
         scale = torch.maximum(scale, torch.maximum(a_j.abs(), b_j))
-        invariant = b_j <= 100 * eps * scale
+        invariant = b_j <= operand.noise(scale)  # β at the rounding level of the products: invariant
         alpha[:, j] = torch.where(active, a_j, 0.0)
         beta[:, j] = torch.where(active & ~invariant & (j + 1 < size), b_j, 0.0)
         if j + 1 == num_steps:

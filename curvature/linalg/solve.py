@@ -11,13 +11,14 @@ stops at a least-squares solution when the system is singular and inconsistent.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from .._checks import check_count, check_scalar
-from ._operand import Operand, until_check
+from ._operand import NOISE, Operand, PrecisionWarning, until_check
 
 __all__ = ["SolveResult", "solve"]
 
@@ -25,6 +26,9 @@ _METHODS = ("cg", "minres")
 
 # MINRES's least-squares test stops when ‖A r‖ ≤ ε^_LS_EXPONENT ‖A‖ ‖r‖ (√ε; see solve's docstring).
 _LS_EXPONENT = 0.5
+# A recurrence's residual is trusted while the rounding of b - A x, about ε‖A‖‖x‖ (ε of the operator's dtype),
+# stays below this fraction of the residual it claims.
+_HONEST = 1e-2
 
 
 @dataclass(frozen=True)
@@ -32,19 +36,26 @@ class SolveResult:
     r"""The output of :func:`solve`.
 
     Attributes:
-        x: The approximate solution, shape ``(P,)``, in the operator's dtype and device.
+        x: The approximate solution, shape ``(P,)``, in the operator's dtype and device (computed in the
+            working precision, float32 at least, and rounded to the operator's dtype at the end; the residual
+            and ``converged`` are those of the rounded ``x``).
         num_matvecs: Products spent: ``iterations``, plus one when ``x0`` was given (for ``b − A x0``),
-            plus one or two when MINRES checked its final residual (see ``residual_norm``); 0 when ``b = 0``.
+            plus one (CG) or one or two (MINRES) when the final residual was computed afresh (see
+            ``residual_norm``); 0 when ``b = 0``.
         converged: True when the relative residual :math:`\|b - A x\| \le \mathrm{tol}\, \|b\|` was
-            met. False, also before ``max_iter``, when MINRES stopped short of ``tol``: at a least-squares
-            solution of an inconsistent system (``residual_norm`` is then the least-squares residual), at an
-            invariant subspace or its size limit, or when its final check of the residual found it above
-            ``tol`` (see :func:`solve`).
-        residual_norm: The final residual norm :math:`\|b - A x\|` as tracked by the recurrence; it can differ
-            from a freshly computed one by rounding, about :math:`\varepsilon \|A\| \|x\|`. MINRES's recurrence
-            can drift further, so MINRES computes the residual afresh (one or two products) when it cannot vouch
-            for it: when it ends short of ``tol`` with :math:`\varepsilon \|A\| \|x\|` above 1% of it, after its
-            size test, or when its estimate of :math:`\kappa(A)` reaches :math:`1/\sqrt{\varepsilon}`.
+            met by the returned ``x``: by the recurrence where its rounding is below 1% of ``tol``, else by a
+            freshly computed residual, to which the rounding of half-precision products is added (see
+            :func:`solve`). False, also before ``max_iter``, when MINRES stopped short of ``tol``: at a
+            least-squares solution of an inconsistent system (``residual_norm`` is then the least-squares
+            residual), at an invariant subspace or its size limit, or when a final check of the residual found
+            it above ``tol``.
+        residual_norm: The final residual norm :math:`\|b - A x\|`, as tracked by the recurrence or, where that
+            could not be trusted, computed afresh. A recurrence's residual keeps shrinking while the true one
+            stalls near the rounding of the products, about :math:`\varepsilon \|A\| \|x\|` (``ε`` of the
+            operator's dtype), and MINRES's can drift further; so the residual is computed afresh (one product,
+            MINRES one or two) when a solver cannot vouch for it: when :math:`\varepsilon \|A\| \|x\|` exceeds
+            1% of ``tol ‖b‖`` (or, for MINRES ending short of ``tol``, of its residual), after MINRES's size
+            test, or when its estimate of :math:`\kappa(A)` reaches :math:`1/\sqrt{\varepsilon}`.
         iterations: Iterations run, each costing one product: up to the one whose test stopped the method
             (for CG that met negative curvature, that iteration's product found it and ``x`` was not moved
             along it), and after it at most 7 more that ran before the host read the test's outcome, which
@@ -102,15 +113,16 @@ def solve(
     residual test below it stops, with ``converged=False`` unless that test is met too:
 
     * On a Lanczos breakdown (:math:`\beta_{k+1} \le 100\, \varepsilon \|A\|`, with :math:`\|A\|` estimated from
-      :math:`\bar T_k`: the Krylov space is invariant to working precision), with the exact minimizer over
-      that space.
+      :math:`\bar T_k`: the Krylov space is invariant to working precision; ``8 u ‖A‖`` for half-precision
+      products, :meth:`~curvature.linalg._operand.Operand.noise`), with the exact minimizer over that space.
     * At a least-squares solution: when :math:`\|A r_k\| \le \sqrt{\varepsilon}\, \|A\| \|r_k\|`, with
       :math:`\|A r_k\| = \|r_k\| \sqrt{\bar\gamma_{k+1}^2 + c_k^2 \beta_{k+2}^2}` from the recurrence (Choi,
       Paige & Saunders 2011, "MINRES-QLP: a Krylov subspace method for indefinite or singular symmetric
       systems", SIAM J. Sci. Comput. 33(4); the ``Arnorm`` test of Paige & Saunders' code). On a singular
       inconsistent system :math:`\|r_k\|` cannot reach ``tol`` ‖b‖ but :math:`A r_k \to 0` at the
       least-squares solutions, and the next step would divide by a near-zero pivot and send :math:`x` along
-      a near-null direction, so MINRES keeps :math:`x_k`. It is a least-squares solution but not the
+      a near-null direction, so MINRES keeps :math:`x_k`. (``ε`` here is the working precision's, float32 at
+      least.) It is a least-squares solution but not the
       minimum-norm one: it carries a null-space component, which MINRES-QLP would remove, and which can be
       much larger than the solution when :math:`A` has eigenvalues of both signs near zero (measured: 1e3
       times the minimum norm with :math:`|\lambda|` down to 1e-3 around five zero eigenvalues). The level
@@ -135,18 +147,32 @@ def solve(
     Both stop when :math:`\|r_k\| \le \mathrm{tol}\, \|b\|`, with :math:`\|r_k\|` from the recurrence.
     In exact arithmetic both terminate within :math:`P` iterations; rounding delays that, so ``max_iter``
     defaults to :math:`10 P`. The true residual cannot fall much below :math:`\varepsilon \|A\| \|x\|`
-    while the recurrence's keeps shrinking, so a ``tol`` below about :math:`\varepsilon \kappa(A)` is met only
-    on paper. MINRES's recurrence can drift further, like :math:`\varepsilon \kappa(A)^2 \|b\|` (Sleijpen,
-    van der Vorst & Modersitzki 2000, SIAM J. Matrix Anal. Appl. 22); once its estimate
-    :math:`\|A\| \max_k \|d_k\| \le \kappa(A)` (:math:`d_k` the update directions, :math:`\|A d_k\| = 1`)
-    reaches :math:`1/\sqrt{\varepsilon}` it checks its final residual with one more product, so that
-    ``converged`` and ``residual_norm`` hold for the returned ``x``. The solve is not differentiable: ``b``
-    and ``x0`` are detached.
+    (``ε`` of the operator's dtype) while the recurrence's keeps shrinking. So when that rounding, with
+    :math:`\|A\|` estimated by the largest :math:`\|A p\| / \|p\|` seen, exceeds 1% of ``tol ‖b‖``, a solver
+    that claims convergence computes :math:`\|b - A x\|` afresh with one more product, and ``converged``
+    holds for the returned ``x``. MINRES's recurrence can drift further, like
+    :math:`\varepsilon \kappa(A)^2 \|b\|` (Sleijpen, van der Vorst & Modersitzki 2000, SIAM J. Matrix Anal.
+    Appl. 22); once its estimate :math:`\|A\| \max_k \|d_k\| \le \kappa(A)` (:math:`d_k` the update
+    directions, :math:`\|A d_k\| = 1`) reaches :math:`1/\sqrt{\varepsilon}` it checks its final residual too.
+    In float32 and float64 the fresh residual is computed in the same precision as everything else (a ``tol``
+    below about :math:`\varepsilon \kappa(A)` is then met to that rounding). Half-precision products are far
+    coarser than the working precision: there the fresh residual is computed with a float32 product of the same
+    operator where it offers one (:meth:`curvature.LinearOperator.higher_precision`: every half-precision
+    curvature operator, and a dense half-precision tensor), so it is the residual of the returned ``x``
+    (rounded to the operator's dtype) against the exact operator, to float32 rounding; without one, it is itself
+    off by up to :math:`\eta = 8 u \|A\| \|x\|` (``u`` the unit roundoff of float16 or bfloat16, the constant
+    measured as for :func:`~curvature.linalg.eigen.eigenvalues`), and ``converged`` needs
+    :math:`\|b - A x\| + \eta \le \mathrm{tol}\, \|b\|`. When the recurrence met ``tol`` but the fresh
+    residual does not, ``tol`` is below what the products can certify: a
+    :class:`~curvature.linalg._operand.PrecisionWarning` (a ``RuntimeWarning``) names the dtype and the
+    relative residual that was certified, and ``converged`` is False. The iterations themselves (vectors,
+    inner products, the recurrence) run in the working precision, float32 at least, whatever the operator's
+    dtype. The solve is not differentiable: ``b`` and ``x0`` are detached.
 
     Both run their iterations on the device and read the outcome of the stopping tests on the host after
-    iterations 1, 2, 3, 4, 6, 9, 13, 19, 27 and then every 8 (convergence is tested every 8 iterations to
-    avoid a host synchronisation per product on GPUs): a solve that stops after ``k`` iterations runs up to
-    ``min(7, k / 2)`` more, which change nothing (``x``, the residual and the flags are those of iteration
+    iterations 1 to 8, 10, 12, 15, 18, 22, 27, 33, 41 and then every 8 (convergence is tested every 8 iterations
+    to avoid a host synchronisation per product on GPUs): a solve that stops after ``k`` iterations runs up to
+    ``min(7, k / 4)`` more, which change nothing (``x``, the residual and the flags are those of iteration
     ``k``) but are counted in ``iterations`` and ``num_matvecs``.
 
     Cost: one product per iteration, plus one for :math:`b - A x_0` when ``x0`` is given, plus one or two
@@ -155,7 +181,8 @@ def solve(
 
     Args:
         op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device``: a curvature operator,
-            a :class:`~curvature.LinearOperator` such as ``G.damped(1e-2)``, or a dense symmetric tensor.
+            a :class:`~curvature.LinearOperator` such as ``G.damped(1e-2)``, or a dense symmetric tensor
+            (any other object with ``@`` is trusted to be symmetric).
         b: The right-hand side, shape ``(P,)``, in the operator's dtype and device.
         method: ``"cg"`` (positive definite ``A``) or ``"minres"`` (any symmetric ``A``).
         tol: Relative residual tolerance, positive.
@@ -171,8 +198,15 @@ def solve(
         TypeError: If ``op`` is not an operator, or ``b``, ``x0``, ``tol`` or ``max_iter`` have the wrong
             type or dtype.
         ValueError: If ``method`` is unknown, ``tol`` is not positive and finite, ``max_iter`` is below 1,
-            ``b`` or ``x0`` have the wrong shape or device or are not finite, ``op`` is not symmetric, or CG
-            is asked to solve with an operator not known to be PSD.
+            ``b`` or ``x0`` have the wrong shape or device or are not finite, ``op`` is not symmetric (flagged
+            ``is_symmetric=False``, or a dense tensor that is not symmetric to rounding,
+            :func:`~curvature.linalg._operand.check_symmetric`), or CG is asked to solve with an operator not
+            known to be PSD.
+
+    Warns:
+        PrecisionWarning: When the recurrence met ``tol`` but the residual of the returned ``x``, computed afresh
+            (plus the rounding of half-precision products), does not: ``tol`` is below what the products can
+            certify.
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -208,35 +242,86 @@ def solve(
     b_norm = float(b.norm())
     if b_norm == 0.0:  # A x = 0 is solved by x = 0 whatever A is; no product needed
         return SolveResult(x=torch.zeros_like(b), num_matvecs=0, converged=True, residual_norm=0.0, iterations=0)
-    threshold = tol * b_norm
+    b = operand.work(b)  # the iterations run in the working precision
     if x0 is None:
         x, r = torch.zeros_like(b), b.clone()
     else:
+        x0 = operand.work(x0)
         x, r = x0.clone(), b - operand @ x0
     if method == "cg":
-        return _cg(operand, x, r, threshold, max_iter)
-    return _minres(operand, b, x, r, tol, max_iter)
+        result, achievable = _cg(operand, b, x, r, tol, max_iter)
+    else:
+        result, achievable = _minres(operand, b, x, r, tol, max_iter)
+    if achievable > tol:
+        why = (f"the rounding of b - A x is about {NOISE:g} u ‖A‖ ‖x‖ with u = {operand.unit_roundoff:.1e}"
+               if _rounding(operand) else "the recurrence met it, the residual of x computed afresh did not")
+        warnings.warn(
+            f"tol={tol:g} is below what {str(operand.dtype).replace('torch.', '')} products can certify here "
+            f"(about {achievable:.0e}: {why}); returning converged=False. Compute in "
+            f"{'float32' if _rounding(operand) else 'higher precision'} or pass tol>={achievable:.0e}.",
+            PrecisionWarning,
+            stacklevel=2,
+        )
+    return result
 
 
-def _cg(operand: Operand, x: torch.Tensor, r: torch.Tensor, threshold: float, max_iter: int) -> SolveResult:
+def _rounding(operand: Operand) -> float:
+    """The relative rounding of a product beyond the working precision: ``8 u`` for half precision, else 0.
+
+    In float32 and float64 a freshly computed residual is as exact as the rest of the solve; half-precision
+    products are off by up to about ``8 u ‖A‖ ‖v‖`` (see :meth:`~curvature.linalg._operand.Operand.noise`).
+    """
+    return NOISE * operand.unit_roundoff if operand.unit_roundoff > torch.finfo(operand.work_dtype).eps else 0.0
+
+
+def _certify(operand: Operand, b: torch.Tensor, x: torch.Tensor, threshold: float, a_norm: float,
+             b_norm: float) -> tuple[float, bool, float]:
+    """The residual of ``x`` (in the operator's dtype) computed afresh: ``(‖b - A x‖, converged, achievable)``.
+
+    Called where the recurrence claimed convergence. ``converged`` needs the residual plus the rounding of
+    half-precision products (:func:`_rounding`) within ``threshold``; when it is not, ``achievable`` is the
+    relative residual that was certified instead (0 when converged).
+    """
+    refined = operand.refined()
+    if refined is not None:  # float32 products: the residual of x to float32 rounding, no margin needed
+        residual, x_norm = operand.fetch_floats((b - operand.refined_product(refined, x)).norm(), x.norm())
+        margin = 0.0
+    else:
+        residual, x_norm = operand.fetch_floats((b - operand @ x).norm(), x.norm())
+        margin = _rounding(operand) * a_norm * x_norm
+    converged = residual + margin <= threshold
+    return residual, converged, 0.0 if converged else (residual + margin) / b_norm
+
+
+def _cg(operand: Operand, b: torch.Tensor, x: torch.Tensor, r: torch.Tensor, tol: float,
+        max_iter: int) -> tuple[SolveResult, float]:
     """Conjugate gradients from ``x`` with residual ``r = b - A x``, reading its state on the host at checks only.
 
     Every iteration computes its step and its stopping tests on the device; once a test has fired (converged,
     or negative curvature), the later iterations of the batch leave ``x``, ``r`` and ``p`` as they are. The
     host reads the flags and ``rᵀr`` in one transfer per check (:func:`~curvature.linalg._operand.until_check`).
+    When the recurrence claims convergence but its rounding, ``ε ‖A‖ ‖x‖`` with ``‖A‖ ≥ max ‖A p‖ / ‖p‖``, is
+    above 1% of the threshold, the residual is computed afresh (:func:`_certify`).
+
+    Returns the result and the relative residual that half-precision products can certify when ``tol`` is
+    below it (0 otherwise).
     """
+    b_norm, rs_host = operand.fetch_floats(b.norm(), torch.dot(r, r))
+    threshold = tol * b_norm
     rs = torch.dot(r, r)
-    (rs_host,) = operand.fetch_floats(rs)
     converged = math.sqrt(rs_host) <= threshold
     negative_curvature = False
     iterations = 0
     p = r.clone()
     active = torch.ones((), dtype=torch.bool, device=r.device)  # no stopping test has fired yet
     met = negative = torch.zeros((), dtype=torch.bool, device=r.device)
+    a_norm = torch.zeros((), dtype=torch.float64, device=r.device)  # max ‖A p‖ / ‖p‖: a lower bound on ‖A‖
+    a_norm_host = 0.0
     while not converged and not negative_curvature and iterations < max_iter:
         count = min(until_check(iterations), max_iter - iterations)
         for _ in range(count):
             Ap = operand @ p
+            a_norm = torch.where(active, torch.maximum(a_norm, (Ap.norm() / p.norm()).double()), a_norm)
             pAp = torch.dot(p, Ap)
             alpha = rs / pAp
             x_new = x + alpha * p
@@ -252,21 +337,27 @@ def _cg(operand: Operand, x: torch.Tensor, r: torch.Tensor, threshold: float, ma
             p = torch.where(active, r_new + (rs_new / rs) * p, p)
             rs = torch.where(step, rs_new, rs)
         iterations += count
-        met_host, negative_host, rs_host = operand.fetch_floats(met, negative, rs)
+        met_host, negative_host, rs_host, a_norm_host = operand.fetch_floats(met, negative, rs, a_norm)
         converged, negative_curvature = bool(met_host), bool(negative_host)
+    residual_norm, achievable = math.sqrt(rs_host), 0.0
+    x = x.to(operand.dtype)
+    if converged and iterations > 0:
+        (x_norm,) = operand.fetch_floats(x.norm())
+        if operand.unit_roundoff * 2 * a_norm_host * x_norm > _HONEST * threshold:
+            residual_norm, converged, achievable = _certify(operand, b, x, threshold, a_norm_host, b_norm)
     return SolveResult(
         x=x,
         num_matvecs=operand.num_matvecs,
         converged=converged,
-        residual_norm=math.sqrt(rs_host),
+        residual_norm=residual_norm,
         iterations=iterations,
         negative_curvature=negative_curvature,
-    )
+    ), achievable
 
 
 def _minres(
     operand: Operand, b: torch.Tensor, x0: torch.Tensor, r: torch.Tensor, tol: float, max_iter: int
-) -> SolveResult:
+) -> tuple[SolveResult, float]:
     r"""MINRES from ``x0`` with residual ``r = b - A x0``, reading its state on the host at checks only.
 
     Step :math:`k` of the Lanczos process gives column :math:`k` of :math:`\bar T_k`: :math:`\beta_k` above
@@ -294,20 +385,26 @@ def _minres(
     each stopping test sets a flag, after which the remaining iterations of the batch change nothing. The host
     reads the flags and the few scalars it needs at the end in one transfer per check
     (:func:`~curvature.linalg._operand.until_check`).
+
+    The recurrence runs in the working precision; ``ε`` of the operator's dtype measures the rounding of the
+    products (what the true residual can reach), that of the working dtype the least-squares test's level.
     """
-    eps = torch.finfo(operand.dtype).eps
+    eps = 2 * operand.unit_roundoff  # the machine epsilon of the products
     # Relative to ‖A‖, what counts as zero for β (Lanczos breakdown) and for a singular value of A. At an
     # invariant subspace the computed β is rounding noise of the product and the three-term recurrence, a few
-    # ε‖A‖ (up to about 10 ε‖A‖ measured on small dense matrices); 100 ε leaves room for less exact products.
-    small = 100 * eps
-    ls_tol = eps**_LS_EXPONENT  # the least-squares test's level for ‖A r‖ / (‖A‖ ‖r‖): √ε, not tol
+    # ε‖A‖ (up to about 10 ε‖A‖ measured on small dense matrices); 100 ε leaves room for less exact products,
+    # and for half-precision products the level is 8 u (Operand.noise).
+    small = operand.noise(1.0)
+    ls_tol = torch.finfo(operand.work_dtype).eps ** _LS_EXPONENT  # the least-squares test's level: √ε, not tol
     # An iterate's recurrence residual is trusted while the rounding of b - A x, about ε‖A‖‖x‖, stays below
     # this fraction of it.
-    honest = 1e-2
+    honest = _HONEST
     b_norm, beta_1, x0_norm = operand.fetch_floats(b.norm(), r.norm(), x0.norm())  # β_1 = ‖r_0‖
     threshold = tol * b_norm
     if beta_1 <= threshold:
-        return SolveResult(x=x0, num_matvecs=operand.num_matvecs, converged=True, residual_norm=beta_1, iterations=0)
+        result = SolveResult(x=x0.to(operand.dtype), num_matvecs=operand.num_matvecs, converged=True,
+                             residual_norm=beta_1, iterations=0)
+        return result, 0.0
 
     # The recurrence's scalars live on the device as float64 0-d tensors (the values the host formulas used).
     def scalar(value: float) -> torch.Tensor:
@@ -387,33 +484,44 @@ def _minres(
             break
     _, converged_, breakdown_, too_large_, phi_bar_, a_norm_, d_max_, has_best_, best_is_z_ = host
     converged = bool(converged_)
-    x = x0 + z
+    x = (x0 + z).to(operand.dtype)
     residual_norm = abs(phi_bar_)
     # Can the recurrence's residual still be taken for ‖b - A x‖? Not once ε Acond² ≥ 1: MINRES's can then be
     # off by as much as ‖b‖ (its gap grows like ε κ(A)² ‖b‖, Sleijpen, van der Vorst & Modersitzki 2000).
-    # Nor, short of convergence, when the rounding ε‖A‖‖x‖ of b - A x is not small next to it: an inconsistent
-    # system has then run on past its least-squares point, where x grows along near-null directions and the
-    # recurrence parts from the truth (measured: 1e-3 against 6e13).
+    # Nor when the rounding ε‖A‖‖x‖ of b - A x is not small next to what it claims: converged, next to the
+    # threshold (the recurrence keeps shrinking while the true residual stalls at that rounding); short of
+    # convergence, next to the residual (an inconsistent system has then run on past its least-squares point,
+    # where x grows along near-null directions and the recurrence parts from the truth: measured 1e-3 against
+    # 6e13).
     verify = bool(too_large_) or eps * (a_norm_ * d_max_) ** 2 >= 1
     x_norm: Optional[float] = None
-    if not verify and not converged and not breakdown_:
+    if not verify and not breakdown_:
         (x_norm,) = operand.fetch_floats(x.norm())
-        verify = eps * a_norm_ * x_norm > honest * residual_norm
+        verify = eps * a_norm_ * x_norm > honest * (threshold if converged else residual_norm)
+    achievable = 0.0
     if verify:
         # Compute the true residual; if it misses tol, also that of the trusted iterate with the least
         # ‖A r‖ / ‖r‖, and keep that one unless the last is better by more than its rounding.
-        (residual_norm,) = operand.fetch_floats((b - operand @ x).norm())
+        refined = operand.refined()  # half precision: residuals from float32 products, to float32 rounding
+
+        def product(v: torch.Tensor) -> torch.Tensor:
+            return operand @ v if refined is None else operand.refined_product(refined, v)
+
+        (residual_norm, x_norm) = operand.fetch_floats((b - product(x)).norm(), x.norm())
         if residual_norm > threshold and has_best_ and not best_is_z_:
-            (x_norm,) = operand.fetch_floats(x.norm()) if x_norm is None else (x_norm,)
-            x_best = x0 + best_z
-            (best_norm,) = operand.fetch_floats((b - operand @ x_best).norm())
+            x_best = (x0 + best_z).to(operand.dtype)
+            (best_norm,) = operand.fetch_floats((b - product(x_best)).norm())
             if best_norm <= residual_norm + eps * a_norm_ * x_norm:
                 x, residual_norm = x_best, best_norm
-        converged = residual_norm <= threshold
+                (x_norm,) = operand.fetch_floats(x.norm())
+        margin = 0.0 if refined is not None else _rounding(operand) * a_norm_ * x_norm
+        claimed, converged = converged, residual_norm + margin <= threshold
+        if claimed and not converged:  # the recurrence met tol; the products cannot certify it
+            achievable = (residual_norm + margin) / b_norm
     return SolveResult(
         x=x,
         num_matvecs=operand.num_matvecs,
         converged=converged,
         residual_norm=residual_norm,
         iterations=iterations,
-    )
+    ), achievable

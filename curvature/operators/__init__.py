@@ -4,6 +4,7 @@ from .base import IdentityOperator, LinearOperator, identity_like
 from .curvature import CurvatureOperator
 from .ggn import EmpiricalFisherOperator, FisherOperator, GGNOperator
 from .hessian import HessianOperator
+from .losses import NormalizedLoss
 
 __all__ = [
     "CurvatureOperator",
@@ -13,5 +14,6 @@ __all__ = [
     "HessianOperator",
     "IdentityOperator",
     "LinearOperator",
+    "NormalizedLoss",
     "identity_like",
 ]

@@ -16,7 +16,9 @@ import torch
 
 from .._checks import check_operand, check_scalar
 
-__all__ = ["IdentityOperator", "LinearOperator", "identity_like"]
+__all__ = ["HALF", "IdentityOperator", "LinearOperator", "identity_like"]
+
+HALF = (torch.float16, torch.bfloat16)  # the dtypes whose products higher_precision() can refine
 
 
 class LinearOperator(ABC):
@@ -186,6 +188,19 @@ class LinearOperator(ABC):
         """
         return self + check_scalar(damping, "damping") * identity_like(self)
 
+    def higher_precision(self) -> LinearOperator | None:
+        """The same operator with its products evaluated in float32, for a float16 or bfloat16 operator.
+
+        A half-precision product is only as exact as its dtype (and, for a model near a minimum, can be far
+        less: a half-precision forward pass rounds the softmax probabilities the curvature depends on). The
+        estimators use this view to certify what they report with a few float32 products; operators that
+        cannot provide it return None (the default), and so does any operator already in float32 or float64.
+
+        Returns:
+            A float32 operator, or None.
+        """
+        return None
+
     def __repr__(self) -> str:
         flags = [f for f, on in (("symmetric", self.is_symmetric), ("psd", self.is_psd)) if on]
         return (
@@ -212,6 +227,11 @@ class IdentityOperator(LinearOperator):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return V.clone()
 
+    def higher_precision(self) -> IdentityOperator | None:  # noqa: D102 (see LinearOperator)
+        if self.dtype not in HALF:
+            return None
+        return IdentityOperator(self.shape[0], torch.float32, self.device)
+
 
 def identity_like(op: LinearOperator) -> IdentityOperator:
     """Return the identity with the shape, dtype and device of ``op``.
@@ -237,6 +257,10 @@ class ScaledOperator(LinearOperator):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.scale * self.op.matmat(V)
 
+    def higher_precision(self) -> LinearOperator | None:  # noqa: D102 (see LinearOperator)
+        inner = self.op.higher_precision()
+        return None if inner is None else ScaledOperator(inner, self.scale)
+
 
 class SumOperator(LinearOperator):
     """``A + B``, evaluated lazily."""
@@ -251,3 +275,7 @@ class SumOperator(LinearOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.a.matmat(V) + self.b.matmat(V)
+
+    def higher_precision(self) -> LinearOperator | None:  # noqa: D102 (see LinearOperator)
+        a, b = self.a.higher_precision(), self.b.higher_precision()
+        return None if a is None or b is None else SumOperator(a, b)

@@ -9,6 +9,8 @@ caching the per-batch graphs while the parameters are unchanged, and leaving the
 
 from __future__ import annotations
 
+import itertools
+import math
 from abc import abstractmethod
 from collections.abc import Iterable
 from typing import Any, Callable, Optional
@@ -17,21 +19,23 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
+from torch.utils._pytree import tree_map
 
-from .._checks import check_finite, common_dtype_device
+from .._checks import check_finite, common_dtype_device, no_graph_reason
 from .._func import model_outputs
-from .._modes import differentiable_attention, float32_precision
-from .base import LinearOperator
+from .._modes import autograd_enabled, differentiable_attention, float32_precision, recordable
+from .base import HALF, LinearOperator
 from .data import (
     Data,
     ShardReduction,
     batch_size,
     floating_tensors,
     resolve_process_group,
+    split_batch,
     to_device,
     unwrap_model,
 )
-from .losses import check_targets, infer_reduction, loss_kind, mean_count, resolve_reduction
+from .losses import check_additive, check_targets, infer_reduction, loss_kind, mean_count, resolve_reduction
 
 __all__ = ["CurvatureOperator", "select_parameters"]
 
@@ -43,7 +47,9 @@ def select_parameters(model: nn.Module, params: ParamsArg) -> list[tuple[str, nn
 
     Args:
         model: The model.
-        params: None for every trainable parameter, or an iterable of parameters or parameter names.
+        params: None for every trainable parameter; an iterable of parameters, parameter names or
+            ``(name, parameter)`` pairs (``module.parameters()``, ``module.named_parameters()``); or a submodule
+            of ``model``, for its trainable parameters.
 
     Returns:
         The selected named parameters.
@@ -61,11 +67,17 @@ def select_parameters(model: nn.Module, params: ParamsArg) -> list[tuple[str, nn
         return selected
     if isinstance(params, (str, torch.Tensor)):
         raise TypeError("params must be an iterable of parameters or names, e.g. ['fc.weight'] or [model.fc.weight].")
+    if isinstance(params, nn.Module):
+        params = [p for p in params.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("params is a module without trainable parameters; name the parameters to take.")
     by_name = dict(named)
     by_id = {id(p): n for n, p in named}
     aliases = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}  # tied weights
     chosen: set[str] = set()
     for item in params:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
+            item = item[1]  # a (name, parameter) pair of named_parameters(): its name may be a submodule's
         if isinstance(item, str):
             item = aliases.get(item, item)  # a tied weight's second name means its first
             if item not in by_name:
@@ -79,7 +91,10 @@ def select_parameters(model: nn.Module, params: ParamsArg) -> list[tuple[str, nn
                 raise ValueError("params holds a tensor that is not a parameter of the model.")
             name = by_id[id(item)]
         else:
-            raise TypeError(f"params entries must be parameter names or tensors, got {type(item).__name__}.")
+            raise TypeError(
+                f"params entries must be parameter names or tensors, got {type(item).__name__}; pass e.g. "
+                "model.fc.parameters(), ['fc.weight'] or the submodule model.fc."
+            )
         if not by_name[name].requires_grad:
             raise ValueError(
                 f"params names {name!r}, which is frozen (requires_grad=False) and so not a trainable "
@@ -94,18 +109,26 @@ def select_parameters(model: nn.Module, params: ParamsArg) -> list[tuple[str, nn
 
 
 def check_deterministic(model: nn.Module) -> None:
-    """Refuse a model whose train-mode layers would make the curvature random or change its buffers.
+    """Refuse a model whose layers would make the curvature random, change its buffers or depend on the batching.
 
     Args:
         model: The model.
 
     Raises:
-        ValueError: If a dropout layer with ``p > 0`` or a batch-norm layer is in training mode.
+        ValueError: If a dropout layer with ``p > 0`` or a batch-norm layer is in training mode, or a batch-norm
+            layer without running statistics (``track_running_stats=False``) is in the model in any mode.
     """
     for name, module in model.named_modules():
+        label = f"{name or 'the model'} ({type(module).__name__})"
+        if isinstance(module, _BatchNorm) and module.running_mean is None and module.running_var is None:
+            raise ValueError(
+                f"{label} has no running statistics (track_running_stats=False), so even in eval mode it normalizes "
+                "each batch with that batch's own statistics: the curvature would depend on how the data is batched "
+                "(and differ from one loader to another). Use a normalization whose outputs do not depend on the "
+                "other samples (track_running_stats=True with estimated statistics, GroupNorm, LayerNorm)."
+            )
         if not module.training:
             continue
-        label = f"{name or 'the model'} ({type(module).__name__})"
         if isinstance(module, _DropoutNd) and module.p > 0:
             raise ValueError(
                 f"{label} is in training mode and drops units at random, so the curvature would be random; "
@@ -118,20 +141,23 @@ def check_deterministic(model: nn.Module) -> None:
             )
 
 
-def require_graph(t: torch.Tensor, what: str) -> None:
+def require_graph(t: torch.Tensor, what: str, *sources: torch.Tensor) -> None:
     """Refuse a tensor that does not depend on the parameters (detached, or built from constants).
 
     Args:
         t: The tensor computed from the parameter leaves.
         what: Its name for the message.
+        sources: Tensors it was computed from (the model's outputs), inspected for the cause.
 
     Raises:
         ValueError: If ``t`` carries no autograd graph.
     """
     if not t.requires_grad:
+        cause = next((s for s in sources if isinstance(s, torch.Tensor) and s.is_inference()), t)
+        verb = "do" if what.endswith("s") else "does"
         raise ValueError(
-            f"{what} do not depend on the selected parameters (a .detach(), .item() or torch.no_grad() inside "
-            "the model or loss_fn?); curvature needs them differentiable."
+            f"{what} {verb} not depend on the selected parameters: {no_graph_reason(cause)} (in the model or "
+            "loss_fn); curvature needs them differentiable."
         )
 
 
@@ -142,6 +168,29 @@ def _tensor_slots(model: nn.Module) -> list[tuple[dict[str, Any], str, torch.Ten
         for store in (module._parameters, module._buffers):
             slots.extend((store, key, t) for key, t in store.items() if t is not None)
     return slots
+
+
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def batch_error(error: Exception, where: str) -> Exception:
+    """An error that names the batch it came from (a ``TypeError`` stays one, anything else becomes a ``ValueError``).
+
+    Args:
+        error: What the model or the loss raised.
+        where: The batch and the step, e.g. "batch 3 of data: the model's forward pass raised".
+
+    Returns:
+        The new exception, to be raised ``from error``.
+    """
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    message = f"{where} {type(error).__name__}: {first}"
+    return TypeError(message) if isinstance(error, TypeError) else ValueError(message)
+
+
+def _constant(t: Any) -> Any:
+    """A batch tensor as a constant for autograd: detached, and a normal copy if made under inference mode."""
+    return recordable(t.detach()) if isinstance(t, torch.Tensor) else t
 
 
 def _rng_state(device: torch.device) -> list[torch.Tensor]:
@@ -215,12 +264,19 @@ class CurvatureOperator(LinearOperator):
     ) -> None:
         wrapper = model
         model, wrapper_group = unwrap_model(model)
-        if model is not wrapper and params is not None and not isinstance(params, (str, torch.Tensor)):
+        if model is not wrapper and params is not None and not isinstance(params, (str, torch.Tensor, nn.Module)):
             params = [p.removeprefix("module.") if isinstance(p, str) else p for p in params]
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}.")
+        inference = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_inference()]
+        if inference:
+            raise ValueError(
+                f"the model's {inference[:3]}{' ...' if len(inference) > 3 else ''} are inference tensors: they were "
+                "created under torch.inference_mode() and can never be differentiated. Create (or load) the model "
+                "outside inference mode; the operators compute correctly when called under inference mode."
+            )
         self.model = model
         self.loss_fn = loss_fn
         self._kind = loss_kind(loss_fn)
@@ -252,6 +308,8 @@ class CurvatureOperator(LinearOperator):
         self.verify = self.device.type == "cpu" if verify is None else verify
         self.process_group = resolve_process_group(process_group, wrapper_group)
         self._shards = ShardReduction(self.process_group, self.device) if self.process_group is not None else None
+        self._additive: set[int] = set()  # batches whose weighting check_additive has confirmed
+        self._compute_dtype: torch.dtype | None = None  # float32 inside the products of higher_precision()
         self._cache: list[tuple[Any, float]] = []
         self._cache_complete = False
         self._cache_key: tuple[Any, ...] | None = None
@@ -277,17 +335,30 @@ class CurvatureOperator(LinearOperator):
         """
 
     def _fresh_product(self, leaves: list[torch.Tensor], inputs: Any, targets: Any, index: int,
-                       vs: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """Optionally, a cheaper path for one vector when no graph is kept; None to use the default."""
+                       vs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """Optionally, a cheaper path for one vector when no graph is kept: the product and the detached outputs.
+
+        Returns None to use the default (:meth:`_prepare` then :meth:`_apply`).
+        """
         return None
 
-    def _batch_weight(self, targets: Any, inputs: Any) -> float:
+    def _batch_weight(self, targets: Any, inputs: Any, outputs: torch.Tensor | None = None) -> float:
         """The batch's share of the normalizer of a mean loss."""
-        return mean_count(self._kind, self.loss_fn, targets, inputs)
+        return mean_count(self._kind, self.loss_fn, targets, inputs, outputs)
+
+    #: Whether batches are weighted by the loss's own count (checked with ``check_additive``); False for an
+    #: operator defined through per-sample losses, whose weights are sample counts whatever the loss averages.
+    _weights_by_loss = True
 
     # -- batches -------------------------------------------------------------------------------------
     def _prepare_batch(self, inputs: Any, targets: Any) -> tuple[Any, Any]:
+        """Move a batch to the device; constants for autograd (detached, and normal copies of inference tensors)."""
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        inputs, targets = tree_map(_constant, inputs), tree_map(_constant, targets)
+        if self._compute_dtype is not None:  # a float32 product of a half-precision model: the data too
+            cast = self._compute_dtype
+            return tuple(tree_map(lambda t: t.to(cast) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                                  else t, part) for part in (inputs, targets))  # type: ignore[return-value]
         for t in floating_tensors(inputs):
             if t.dtype != self.dtype:
                 raise TypeError(
@@ -298,9 +369,11 @@ class CurvatureOperator(LinearOperator):
 
     def _state(self, leaves: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         state = {n: p.detach() for n, p in self.model.named_parameters()}
+        state.update(self.model.named_buffers())
+        if self._compute_dtype is not None:
+            state = {n: t.to(self._compute_dtype) if t.is_floating_point() else t for n, t in state.items()}
         if leaves is not None:
             state.update(zip(self.param_names, leaves))
-        state.update(self.model.named_buffers())
         return state
 
     def _sync_with_model(self) -> None:
@@ -327,6 +400,12 @@ class CurvatureOperator(LinearOperator):
                 raise ValueError("the model's parameters changed dtype or device; build a new operator.")
             self._params, self._slots = params, _tensor_slots(self.model)
             self.clear_cache()
+        changed = next((p for p in self._params if p.dtype != self.dtype or p.device != self.device), None)
+        if changed is not None:  # model.double() / .to(...) convert the parameters in place
+            raise ValueError(
+                f"the model's parameters are now {changed.dtype} on {changed.device}, but this operator was built for "
+                f"{self.dtype} on {self.device} (model.double(), .half() or .to() since?); build a new operator."
+            )
         modes = tuple(m.training for m in self._modules_list)
         if modes != self._modes:
             check_deterministic(self.model)
@@ -362,10 +441,12 @@ class CurvatureOperator(LinearOperator):
         versions_before = self._versions()
         buffers_before = {n: b.clone() for n, b in self.model.named_buffers()}
         with self._rng_preserved():  # the global RNG is restored on the way out, whatever happens
-            inputs, targets = self._prepare_batch(*self._data.first())
+            first = self._data.first()
+            self._data.check_fixed(first)
+            inputs, targets = self._prepare_batch(*first)
             rng_before = _rng_state(self.device)
             with torch.no_grad():
-                outputs = model_outputs(self.model, self._state(), inputs)
+                outputs = self._forward("the first batch of data", self._state(), inputs)
             draws_random = any(not torch.equal(a, b) for a, b in zip(rng_before, _rng_state(self.device)))
         if draws_random:
             raise ValueError(
@@ -387,12 +468,20 @@ class CurvatureOperator(LinearOperator):
         if outputs.ndim and outputs.shape[0] == 0:
             raise ValueError("the first batch of data holds no samples.")
         check_targets(self._kind, self.loss_fn, outputs, targets)
-        if self.reduction == "mean" and self._kind != "other" and self._batch_weight(targets, inputs) == 0:
+        if self.reduction == "mean" and self._kind != "other" and self._batch_weight(targets, inputs, outputs) == 0:
             raise ValueError("every target of the first batch is ignored (ignore_index), so its mean loss is 0/0.")
         with torch.no_grad():
-            loss = self.loss_fn(outputs, targets)
+            try:
+                loss = self.loss_fn(outputs, targets)
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                raise batch_error(err, "the first batch of data: loss_fn(outputs, targets) raised") from err
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}.")
+        if not loss.is_floating_point():
+            raise TypeError(
+                f"loss_fn returned a {loss.dtype} tensor; curvature needs a floating-point loss (one that can be "
+                "differentiated), e.g. without .long(), .argmax() or a count."
+            )
         if loss.numel() != 1:
             raise ValueError(
                 f"loss_fn must return a scalar tensor, got shape {tuple(loss.shape)}; reduce the batch with "
@@ -407,6 +496,65 @@ class CurvatureOperator(LinearOperator):
                     "sample); pass reduction='mean' or reduction='sum'."
                 )
             self.reduction = inferred or "mean"
+        if self.reduction == "mean" and self._kind == "other" and self._batch_weight(targets, inputs, outputs) == 0:
+            raise ValueError("the first batch's count (loss_fn.normalizer) is 0, so its mean loss is 0/0.")
+        if not self._data.single or self._shards is not None:  # several batches: the batching must not matter
+            self._check_samples_independent(inputs, outputs)
+            if self._kind == "other" and self._weights_by_loss:
+                check_additive(self.loss_fn, outputs, targets, inputs, self.reduction, "the first batch of data")
+
+    def _check_samples_independent(self, inputs: Any, outputs: torch.Tensor) -> None:
+        """Refuse a model whose outputs for a sample depend on the other samples of its batch.
+
+        Such a model (a layer with batch statistics, attention across the batch, inputs that are not batch-first)
+        has a curvature that depends on how the data is batched, which an operator over several batches must not.
+        The first half of the first batch is run alone (no graph) and its outputs compared with the first half of
+        the whole batch's, to the rounding of the dtype. Batches that cannot be split by samples are not checked.
+
+        Raises:
+            ValueError: If the outputs differ.
+        """
+        n = batch_size(inputs)
+        if n < 2 or outputs.ndim == 0 or outputs.shape[0] != n:
+            return
+        ok, part = split_batch(inputs, 0, n // 2, n)
+        if not ok:
+            return
+        with torch.no_grad(), self._rng_preserved():
+            alone = self._forward("half of the first batch of data", self._state(), part)
+        together = outputs[: n // 2]
+        if not isinstance(alone, torch.Tensor) or alone.shape != together.shape:
+            return
+        scale = float(together.abs().max())
+        change = float((alone - together).abs().max())
+        if change <= math.sqrt(torch.finfo(outputs.dtype).eps) * scale or not math.isfinite(change):
+            return
+        raise ValueError(
+            f"the model's outputs for the first {n // 2} samples of the first batch change (by {change:.3g}, "
+            f"outputs up to {scale:.3g}) when the rest of the batch is left out: a sample's outputs depend on the "
+            "other samples of its batch (a layer with batch statistics, attention across the batch, or inputs that "
+            "are not batch-first), so the curvature over several batches would depend on how the data is batched. "
+            "Pass the data as one (inputs, targets) batch, or make the samples independent (eval-mode "
+            "normalization with running statistics, batch-first inputs)."
+        )
+
+    def _loss(self, outputs: torch.Tensor, targets: Any, index: int) -> torch.Tensor:
+        """``loss_fn(outputs, targets)`` of batch ``index``; an error names the batch."""
+        try:
+            return self.loss_fn(outputs, targets)
+        except _OUT_OF_MEMORY:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            raise batch_error(err, f"batch {index} of data: loss_fn(outputs, targets) raised") from err
+
+    def _forward(self, where: str, state: dict[str, torch.Tensor], inputs: Any) -> Any:
+        """Call the model functionally; an error of its forward pass names the batch."""
+        try:
+            return model_outputs(self.model, state, inputs)
+        except _OUT_OF_MEMORY:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            raise batch_error(err, f"{where} does not fit the model: its forward pass raised") from err
 
     def _validate(self) -> None:
         if self._shards is None:
@@ -457,22 +605,35 @@ class CurvatureOperator(LinearOperator):
                              "reduction='mean' or reduction='sum'.")
         self.reduction = {1: "mean", 2: "sum"}[known.pop()]
 
-    def _check_batch(self, outputs: torch.Tensor, targets: Any) -> None:
+    def _check_batch(self, index: int, outputs: torch.Tensor, targets: Any, inputs: Any) -> None:
+        """The per-batch checks of a product: targets against outputs; the loss's weighting, once per batch."""
+        where = f"batch {index} of data"
         if self._kind != "other":
-            check_targets(self._kind, self.loss_fn, outputs, targets)
+            try:
+                check_targets(self._kind, self.loss_fn, outputs, targets)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"{where}: {err}") from err
+            return
+        if (self.verify and self._weights_by_loss and index not in self._additive
+                and (not self._data.single or self._shards is not None)):
+            check_additive(self.loss_fn, outputs.detach(), targets, inputs, self.reduction, where)
+            self._additive.add(index)
 
-    def _weight(self, targets: Any, inputs: Any) -> float:
-        return self._batch_weight(targets, inputs) if self.reduction == "mean" else 1.0
+    def _weight(self, targets: Any, inputs: Any, outputs: torch.Tensor | None = None) -> float:
+        return self._batch_weight(targets, inputs, outputs) if self.reduction == "mean" else 1.0
 
     def _leaves(self) -> list[torch.Tensor]:
         """Fresh leaves sharing storage with the selected parameters: the graph never reaches the model."""
+        if self._compute_dtype is not None:  # float32 copies, for higher_precision()
+            return [p.detach().to(self._compute_dtype).requires_grad_(True) for p in self._params]
         return [p.detach().requires_grad_(True) for p in self._params]
 
-    def _context(self, index: int, inputs: Any, targets: Any, leaves: list[torch.Tensor]) -> Any:
+    def _context(self, index: int, inputs: Any, targets: Any, leaves: list[torch.Tensor]) -> tuple[Any, float]:
+        """What the products of one batch need (:meth:`_prepare`), and the batch's weight."""
         with torch.enable_grad():
-            outputs = model_outputs(self.model, self._state(leaves), inputs)
-            self._check_batch(outputs, targets)
-            return self._prepare(leaves, outputs, targets, index)
+            outputs = self._forward(f"batch {index} of data", self._state(leaves), inputs)
+            self._check_batch(index, outputs, targets, inputs)
+            return self._prepare(leaves, outputs, targets, index), self._weight(targets, inputs, outputs.detach())
 
     def _kept_contexts(self) -> Iterable[tuple[Any, float]]:
         key = self._fingerprint()
@@ -487,9 +648,10 @@ class CurvatureOperator(LinearOperator):
                 if batch_size(batch[0]) == 0:  # an empty batch adds nothing
                     continue
                 inputs, targets = self._prepare_batch(*batch)
-                entry = self._context(index, inputs, targets, self._leaves()), self._weight(targets, inputs)
+                entry = self._context(index, inputs, targets, self._leaves())
                 self._cache.append(entry)
                 yield entry
+        self._data.count_pass(len(self._cache))
         self._cache_complete = True
 
     def _batch_products(self, vs: list[torch.Tensor]) -> Iterable[tuple[list[torch.Tensor], float]]:
@@ -503,15 +665,22 @@ class CurvatureOperator(LinearOperator):
 
     def _fresh_batch_products(self, vs: list[torch.Tensor]) -> Iterable[tuple[list[torch.Tensor], float]]:
         single = vs[0].shape[0] == 1
+        batches = 0
         for index, batch in enumerate(self._data):
             if batch_size(batch[0]) == 0:  # an empty batch adds nothing
                 continue
             inputs, targets = self._prepare_batch(*batch)
             leaves = self._leaves()
-            columns = self._fresh_product(leaves, inputs, targets, index, vs) if single else None
-            if columns is None:
-                columns = self._apply(self._context(index, inputs, targets, leaves), vs, last_use=True)
-            yield columns, self._weight(targets, inputs)
+            fresh = self._fresh_product(leaves, inputs, targets, index, vs) if single else None
+            if fresh is None:
+                ctx, weight = self._context(index, inputs, targets, leaves)
+                columns = self._apply(ctx, vs, last_use=True)
+            else:
+                columns, outputs = fresh
+                weight = self._weight(targets, inputs, outputs)
+            batches += 1
+            yield columns, weight
+        self._data.count_pass(batches)
 
     # -- the product ---------------------------------------------------------------------------------
     def _local_sum(self, vs: list[torch.Tensor], k: int) -> tuple[torch.Tensor | None, float | None, float, int]:
@@ -543,15 +712,59 @@ class CurvatureOperator(LinearOperator):
         if not batches:
             raise ValueError(f"data is empty{where}: it yielded no (inputs, targets) batch.")
         if self.reduction == "mean" and weight_sum == 0:
-            raise ValueError(f"every target in the data{where} is ignored (ignore_index), so the mean loss is "
-                             "undefined.")
+            raise ValueError(f"every target in the data{where} is ignored (ignore_index, or a normalizer of 0), so "
+                             "the mean loss is undefined.")
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         self._sync_with_model()
+        if self.verify:  # before the product, so that it is not blamed on the model
+            check_finite(V, "the vector multiplied by the operator",
+                         "pass a finite vector (the NaN or Inf is in v, not in the model or the data).")
+        with autograd_enabled():  # under torch.no_grad() or torch.inference_mode() too
+            return self._product(recordable(V))
+
+    def higher_precision(self) -> LinearOperator | None:
+        """This operator with its products computed in float32, for a float16 or bfloat16 model (else None).
+
+        Each product casts the parameters, buffers and floating data to float32 on the fly (the model's own
+        tensors are untouched) and uses no kept graph: the curvature of the same model, free of the rounding of
+        a half-precision forward and backward pass, at about twice the cost of a half-precision product. The
+        estimators use it to certify half-precision results with a few products
+        (:func:`curvature.eigenvalues`, :func:`curvature.solve`). None also when ``loss_fn`` is a module with
+        half-precision tensors of its own (a ``weight=``), which a float32 product cannot use.
+
+        Returns:
+            A float32 :class:`~curvature.operators.base.LinearOperator`, or None.
+        """
+        if self.dtype not in HALF:
+            return None
+        if isinstance(self.loss_fn, nn.Module) and any(
+            t.is_floating_point() and t.dtype != torch.float32
+            for t in itertools.chain(self.loss_fn.parameters(), self.loss_fn.buffers())
+        ):
+            return None
+        return _Float32Products(self)
+
+    def _float32_product(self, V: torch.Tensor) -> torch.Tensor:
+        """``A @ V`` for a float32 ``(P, k)`` matrix, with everything cast to float32 (see :meth:`higher_precision`)."""
+        self._sync_with_model()
+        if self.verify:
+            check_finite(V, "the vector multiplied by the operator",
+                         "pass a finite vector (the NaN or Inf is in v, not in the model or the data).")
+        saved = self._compute_dtype, self.keep_graph
+        self._compute_dtype, self.keep_graph = torch.float32, False
+        try:
+            with autograd_enabled():
+                return self._product(recordable(V))
+        finally:
+            self._compute_dtype, self.keep_graph = saved
+
+    def _product(self, V: torch.Tensor) -> torch.Tensor:
         k = V.shape[1]
         vs = [chunk.reshape(k, *shape) for chunk, shape in zip(V.T.split(self._sizes, dim=1), self._shapes)]
         error: Exception | None = None
-        with float32_precision(self.device, self.dtype, self.allow_tf32), differentiable_attention():
+        dtype = self._compute_dtype or self.dtype
+        with float32_precision(self.device, dtype, self.allow_tf32), differentiable_attention():
             try:
                 total, first_weight, weight_sum, batches = self._local_sum(vs, k)
             except Exception as err:
@@ -612,3 +825,14 @@ class CurvatureOperator(LinearOperator):
         """Free the kept autograd graphs; the next product rebuilds them."""
         self._cache, self._cache_complete, self._cache_key, self._checked_key = [], False, None, None
 
+
+
+class _Float32Products(LinearOperator):
+    """A half-precision curvature operator with its products computed in float32 (:meth:`higher_precision`)."""
+
+    def __init__(self, op: CurvatureOperator) -> None:
+        super().__init__(op.shape[0], torch.float32, op.device, is_symmetric=op.is_symmetric, is_psd=op.is_psd)
+        self.op = op
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.op._float32_product(V)

@@ -9,15 +9,17 @@ its weighted batch products and one all-reduce adds the sums (:class:`ShardReduc
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
-__all__ = ["Data", "ShardReduction", "batch_size", "is_single_batch", "resolve_process_group", "to_device",
-           "unwrap_model"]
+__all__ = ["Data", "ShardReduction", "batch_size", "is_single_batch", "resolve_process_group", "split_batch",
+           "to_device", "unwrap_model"]
 
 _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
@@ -31,8 +33,9 @@ def _is_inputs(x: Any) -> bool:
 def is_single_batch(data: Any) -> bool:
     """Return True when ``data`` is one ``(inputs, targets)`` pair rather than an iterable of pairs.
 
-    A pair is a tuple or list of length two whose second entry is a tensor (the targets) and whose first
-    entry is a tensor, a tuple of tensors or a dict of tensors (the inputs).
+    A pair is a tuple or list of length two whose second entry is a tensor (the targets), or None (a batch
+    without targets, for a loss that needs none), and whose first entry is a tensor, a tuple of tensors or a
+    dict of tensors (the inputs).
 
     Args:
         data: What the user passed as ``data``.
@@ -43,7 +46,7 @@ def is_single_batch(data: Any) -> bool:
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         return False
     inputs, targets = data
-    if isinstance(targets, torch.Tensor):
+    if isinstance(targets, torch.Tensor) or targets is None:
         return _is_inputs(inputs)
     # Structured targets (a tuple or dict of tensors, for a custom loss) with plain tensor or dict inputs;
     # a pair of tuples is read as two batches, the more common meaning.
@@ -119,8 +122,74 @@ def floating_tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from floating_tensors(val)
 
 
+def _same_batches(a: Any, b: Any) -> bool:
+    """Whether two batches hold the same structure and bit-identical tensors."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu())))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_batches(a[key], b[key]) for key in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_batches(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _warn_if_ambiguous(data: Any) -> None:
+    """Warn when a list of two tensors of one kind is read as an (inputs, targets) pair."""
+    if not (isinstance(data, list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
+        return
+    first, second = data
+    if first.dtype == second.dtype and first.shape[1:] == second.shape[1:]:
+        warnings.warn(
+            f"data is a list of two {first.dtype} tensors of shapes {tuple(first.shape)} and {tuple(second.shape)}, "
+            "read as ONE (inputs, targets) pair. If they are two batches of inputs for a loss without targets, "
+            "pass [(x1, None), (x2, None)]; to say it is a pair (and silence this), pass a tuple (inputs, targets).",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _random_sampler(loader: DataLoader) -> str | None:
+    """Describe how a DataLoader's sampler makes its batches change between passes, or None if it does not.
+
+    Returns:
+        ``"order"`` for a random order of a fixed set of samples (harmless for a sum over all batches, unless a
+        remainder is dropped), a sentence for a sampler that draws a different set of samples on every pass,
+        or None for a fixed order.
+
+    Raises:
+        ValueError: For a random order whose dropped remainder changes from pass to pass.
+    """
+    sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
+    if isinstance(sampler, WeightedRandomSampler):
+        return "its WeightedRandomSampler draws samples at random, with replacement"
+    if isinstance(sampler, RandomSampler):
+        if sampler.replacement:
+            return "its RandomSampler draws samples with replacement"
+        if sampler.num_samples != len(sampler.data_source):
+            return (f"its RandomSampler draws a random subset of {sampler.num_samples} of the "
+                    f"{len(sampler.data_source)} samples")
+    if not isinstance(sampler, (RandomSampler, SubsetRandomSampler)):
+        return None
+    batch_size = loader.batch_size
+    if loader.drop_last and batch_size is not None and len(sampler) % batch_size:
+        dropped = len(sampler) % batch_size
+        raise ValueError(
+            f"data is a shuffling DataLoader with drop_last=True: each pass drops a different {dropped} of its "
+            f"{len(sampler)} samples, so the curvature would change from one product to the next. Pass "
+            "shuffle=False (curvature sums over every batch; the order does not matter), or drop_last=False."
+        )
+    return "order"
+
+
 class Data:
     """A re-iterable view of the user's ``data``: one ``(inputs, targets)`` batch or an iterable of them.
+
+    Every product iterates over the data again, so the data must yield the same batches on every pass:
+    :meth:`check_fixed` refuses sources that do not (random sampling, random augmentation, one-shot
+    iterables), and each pass's number of batches is compared with the first complete pass's. A wrapper
+    around a ``DataLoader`` (converting its batches, say) exposes it as ``__wrapped__``, so that its sampler
+    is read as the loader's.
 
     Args:
         data: A single batch, or a re-iterable of batches (a list, a ``DataLoader``).
@@ -128,11 +197,15 @@ class Data:
     Raises:
         TypeError: If ``data`` is a one-shot iterator (it would be exhausted after one product), a
             map-style dataset of single samples, or not iterable.
+        ValueError: If ``data`` is a shuffling ``DataLoader`` with ``drop_last=True`` that drops a remainder.
     """
 
     def __init__(self, data: Any) -> None:
         self.single = is_single_batch(data)
+        self.random_order = False  # batches come in a random order (a shuffling loader): fine for sums only
+        self.passes: int | None = None  # non-empty batches in the first complete pass
         if self.single:
+            _warn_if_ambiguous(data)
             self._source: Iterable[Any] = [data]
             return
         if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
@@ -143,7 +216,8 @@ class Data:
         if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
             raise TypeError(
                 f"data is a {type(data).__name__} of {len(data)} tensors; pass one (inputs, targets) pair, with "
-                "several inputs packed as a tuple or dict, e.g. ((x1, x2), y), or a list of such pairs."
+                "several inputs packed as a tuple or dict, e.g. ((x1, x2), y), or a list of such pairs; for a loss "
+                "without targets, pass (x, None) or [(x1, None), (x2, None)]."
             )
         if isinstance(data, Iterator):
             raise TypeError(
@@ -155,6 +229,9 @@ class Data:
                 f"data must be an (inputs, targets) pair or an iterable of such pairs, got {type(data).__name__}."
             )
         self._source = data
+        loader = data if isinstance(data, DataLoader) else getattr(data, "__wrapped__", None)  # or a wrapper's
+        self._sampling = _random_sampler(loader) if isinstance(loader, DataLoader) else None
+        self.random_order = self._sampling == "order"
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         for index, batch in enumerate(self._source):
@@ -162,7 +239,7 @@ class Data:
                 raise TypeError(
                     f"batch {index} of data is a {type(batch).__name__}"
                     f"{' of length ' + str(len(batch)) if isinstance(batch, (tuple, list)) else ''}; every "
-                    "batch must be an (inputs, targets) pair."
+                    "batch must be an (inputs, targets) pair (for a loss without targets: (inputs, None))."
                 )
             yield batch[0], batch[1]
 
@@ -189,7 +266,93 @@ class Data:
             raise ValueError("data is empty: it yielded no (inputs, targets) batch.")
         return found
 
+    def check_fixed(self, first: tuple[Any, Any]) -> None:
+        """Refuse data that does not yield the same batches on every pass.
 
+        A list or a single batch is fixed. A ``DataLoader`` whose sampler draws a different set of samples on
+        every pass is refused from its sampler; for any other source (a loader in fixed order, a custom
+        iterable) the first batch is read once more, with torch's global random generator in another state
+        (restored afterwards), and must come out bit for bit the same: that catches random augmentation and
+        one-shot iterables (an ``IterableDataset`` over a generator). A loader in random order over a fixed
+        set of samples passes (a sum over all batches does not depend on their order) and is flagged
+        ``random_order``. Costs one more read of the first batch.
+
+        Args:
+            first: The first batch, as :meth:`first` returned it.
+
+        Raises:
+            ValueError: If the data draws samples at random, changes between passes, or yields only once.
+        """
+        if self.single or isinstance(self._source, (tuple, list)):
+            return
+        fix = ("curvature is the curvature of one fixed data set and every product reads it again: pass a list of "
+               "(inputs, targets) batches, or a DataLoader with shuffle=False, no random sampler and no random "
+               "transforms (evaluate augmentations once and keep the results).")
+        if self._sampling not in (None, "order"):
+            raise ValueError(f"data yields different samples on every pass: {self._sampling}. {fix}")
+        if self.random_order:
+            return
+        with torch.random.fork_rng(devices=[]):
+            # Another state of the CPU generator (the one loaders and transforms draw from); fork_rng restores it.
+            torch.default_generator.manual_seed((torch.initial_seed() + 0x5EED) % 2**63)
+            try:
+                again: tuple[Any, Any] | None = self.first()
+            except ValueError:  # nothing on the second pass
+                again = None
+        if again is None:
+            raise ValueError(
+                "data yielded its batches once and nothing on a second pass: it is a one-shot iterable (an "
+                "IterableDataset or a class whose __iter__ returns a used-up generator?). Every product reads the "
+                "data again: pass a list of (inputs, targets) batches or a re-iterable DataLoader."
+            )
+        if not _same_batches(first, again):
+            raise ValueError(
+                "data yields a different first batch on a second pass (random augmentation, a random batch "
+                f"sampler, or an iterable that continues where the last pass stopped). {fix}"
+            )
+
+    def count_pass(self, batches: int) -> None:
+        """Record the number of non-empty batches of a complete pass; refuse a pass that differs from the first.
+
+        Raises:
+            ValueError: If this pass yielded a different number of non-empty batches than the first.
+        """
+        if self.passes is None:
+            self.passes = batches
+        elif batches != self.passes:
+            raise ValueError(
+                f"data yielded {batches} non-empty batches on this pass and {self.passes} on the first: it changes "
+                "between passes (a one-shot or random iterable?). Every product reads the data again: pass a list "
+                "of (inputs, targets) batches or a DataLoader with a fixed order."
+            )
+
+
+def split_batch(obj: Any, start: int, stop: int, size: int) -> tuple[bool, Any]:
+    """Slice every tensor of a (nested) batch to the samples ``start:stop`` along its leading dimension.
+
+    Args:
+        obj: Inputs or targets: a tensor, None, or a tuple, list or dict of them.
+        start: The first sample.
+        stop: One past the last sample.
+        size: The batch size every tensor's leading dimension must equal.
+
+    Returns:
+        ``(True, sliced)``, or ``(False, None)`` when a tensor does not have ``size`` samples along its leading
+        dimension (the batch cannot be split by samples). Leaves that are not tensors are kept whole.
+    """
+    if obj is None:
+        return True, None
+    if isinstance(obj, torch.Tensor):
+        if obj.ndim == 0 or obj.shape[0] != size:
+            return False, None
+        return True, obj[start:stop]
+    if isinstance(obj, dict):
+        parts = {key: split_batch(val, start, stop, size) for key, val in obj.items()}
+        return all(ok for ok, _ in parts.values()), {key: val for key, (_, val) in parts.items()}
+    if isinstance(obj, (tuple, list)):
+        pieces = [split_batch(val, start, stop, size) for val in obj]
+        return all(ok for ok, _ in pieces), type(obj)(val for _, val in pieces)
+    return True, obj  # a non-tensor leaf (a flag, a string) belongs to every part
 def unwrap_model(model: Any) -> tuple[Any, Any]:
     """Return the module inside a ``DistributedDataParallel`` or ``DataParallel`` wrapper, and its group.
 

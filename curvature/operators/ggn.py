@@ -65,7 +65,7 @@ class _JacobianSandwich(CurvatureOperator):
         return vjp_columns([z], leaves, [lam(jv)], vectorize=self.vectorize, retain_graph=not last_use)
 
     def _fresh_product(self, leaves: list[torch.Tensor], inputs: Any, targets: Any, index: int,
-                       vs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+                       vs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor] | None:
         """One product without a kept graph: ``J v`` in forward mode, then one backward pass.
 
         A single forward pass with dual numbers gives both ``z`` (with its autograd graph) and ``J v``:
@@ -77,14 +77,15 @@ class _JacobianSandwich(CurvatureOperator):
                 duals = [fwAD.make_dual(leaf, v[0]) for leaf, v in zip(leaves, vs)]
                 dual_outputs = model_outputs(self.model, self._state(duals), inputs)
                 outputs = fwAD.unpack_dual(dual_outputs).primal
-                self._check_batch(outputs, targets)
+                self._check_batch(index, outputs, targets, inputs)
                 z, jv = fwAD.unpack_dual(self._output(dual_outputs, targets))
-        except (NotImplementedError, RuntimeError):
+        except (NotImplementedError, RuntimeError):  # no forward-mode rule (the reverse path names real errors)
             return None
         if jv is None:  # z does not depend on the parameters
             jv = torch.zeros_like(z)
         lam = self._output_matrix(outputs.detach(), targets, index)
-        return vjp_columns([z], leaves, [lam(jv.unsqueeze(0))], vectorize=False, retain_graph=False)
+        columns = vjp_columns([z], leaves, [lam(jv.unsqueeze(0))], vectorize=False, retain_graph=False)
+        return columns, outputs.detach()
 
 
 class GGNOperator(_JacobianSandwich):
@@ -196,6 +197,12 @@ class FisherOperator(GGNOperator):
             raise ValueError(
                 "CrossEntropyLoss with class weight= is not a likelihood, so it has no Fisher; use GGNOperator."
             )
+        if self.mc_samples is not None and self._data.random_order:
+            raise ValueError(
+                "data is a shuffling DataLoader, but the Monte-Carlo Fisher seeds its draws by batch position, so "
+                "every product would draw targets for other samples and the operator would change between "
+                "products; pass shuffle=False (a sum over all batches does not need shuffling)."
+            )
 
     def _output_matrix(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMatrix:
         if self.mc_samples is None:
@@ -203,7 +210,7 @@ class FisherOperator(GGNOperator):
         rank = self._shards.rank if self._shards is not None else 0  # independent draws on every shard
         generator = torch.Generator(device=self.device).manual_seed(self._seed + (rank << 32) + index)
         g = sampled_output_gradients(self._kind, self.loss_fn, outputs, targets, self.mc_samples, generator)
-        count = self._batch_weight(targets, None) if self.reduction == "mean" else 1.0
+        count = self._batch_weight(targets, None, outputs) if self.reduction == "mean" else 1.0
         scale = 1.0 / (self.mc_samples * count) if count else 0.0  # a batch with every target ignored
         n = outputs.shape[0]
         gf = g.reshape(self.mc_samples, n, -1)
@@ -243,5 +250,7 @@ class EmpiricalFisherOperator(_JacobianSandwich):
         scale = 1.0 / outputs.shape[0] if self.reduction == "mean" and outputs.shape[0] else 1.0
         return lambda U: scale * U
 
-    def _batch_weight(self, targets: Any, inputs: Any) -> float:
+    _weights_by_loss = False  # per-sample losses, weighted by samples whatever loss_fn averages over
+
+    def _batch_weight(self, targets: Any, inputs: Any, outputs: torch.Tensor | None = None) -> float:
         return float(batch_size(inputs))

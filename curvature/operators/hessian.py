@@ -36,8 +36,8 @@ class HessianOperator(CurvatureOperator):
     """
 
     def _prepare(self, leaves: list[torch.Tensor], outputs: torch.Tensor, targets: Any, index: int) -> Any:
-        loss = self.loss_fn(outputs, targets)
-        require_graph(loss, "the loss")
+        loss = self._loss(outputs, targets, index)
+        require_graph(loss, "the loss", outputs)
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         return leaves, grads
 

@@ -4,7 +4,9 @@ For ``torch.nn.MSELoss`` and ``torch.nn.CrossEntropyLoss`` a batch loss is
 :math:`L = c \sum_u \ell_u(z_u)` over *units* ``u`` (output entries for MSE, positions for CE), with
 :math:`c = 1` for ``reduction="sum"`` and :math:`c = 1/\text{count}` for ``"mean"``. This module gives:
 
-* :func:`mean_count`: the ``count`` that ``"mean"`` divides by (used to weight uneven batches);
+* :func:`mean_count`: the ``count`` that ``"mean"`` divides by (used to weight uneven batches); a callable
+  loss reports its own with a ``normalizer(outputs, targets)`` method (:class:`NormalizedLoss`), and
+  :func:`check_additive` tests on a batch that the count it uses is the loss's;
 * :func:`output_hessian`: :math:`U \mapsto \nabla^2_z L\, U` in closed form (MSE: :math:`2cI`; CE:
   :math:`c\,w_u(\operatorname{diag} p_u - p_u p_u^\top)` per position), or by autodiff for any other loss;
 * :func:`sampled_output_gradients`: gradients of the negative log-likelihood at targets drawn from the
@@ -22,7 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .._checks import no_graph_reason
+
 __all__ = [
+    "NormalizedLoss",
+    "check_additive",
     "loss_kind",
     "mean_count",
     "output_hessian",
@@ -33,6 +39,84 @@ __all__ = [
 
 Reduction = Literal["mean", "sum"]
 Kind = Literal["mse", "ce", "other"]
+
+
+class NormalizedLoss:
+    r"""A mean loss that reports the count it divides by, so that any batching gives the same operator.
+
+    The operators weight each batch's curvature by its share of the normalizer of a mean loss. For
+    ``torch.nn`` losses that count is known (samples, output entries, non-ignored targets); for any other
+    callable it is assumed to be the number of samples, which is wrong for a loss that averages over a count
+    that varies between batches, such as a language-model cross-entropy over the tokens that are not padding:
+
+    .. math:: L_b = rac{1}{C_b} \sum_{t \in b} \ell_t, \qquad
+              L = rac{\sum_b C_b L_b}{\sum_b C_b} \quad (	ext{not } 	frac{\sum_b N_b L_b}{\sum_b N_b}).
+
+    Wrapping the callable with its count ``C_b`` makes every batching exact. Any callable that has a
+    ``normalizer(outputs, targets)`` method is read the same way; this class adds one to a plain function.
+
+    Args:
+        loss_fn: ``loss_fn(outputs, targets)``, the mean of per-unit losses over the batch's units.
+        normalizer: ``normalizer(outputs, targets)``, the number (or total weight) of units that ``loss_fn``
+            divides by for that batch: a number or a 0-d tensor, non-negative.
+
+    Example:
+        >>> def lm_loss(logits, labels):  # shifted next-token cross-entropy, padding labelled -100
+        ...     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        >>> loss_fn = NormalizedLoss(lm_loss, lambda logits, labels: (labels[:, 1:] != -100).sum())
+        >>> labels = torch.tensor([[1, 2, -100], [0, 1, 2]])
+        >>> float(loss_fn.normalizer(torch.zeros(2, 3, 4), labels))
+        3.0
+    """
+
+    reduction = "mean"
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], normalizer: Callable[..., Any]) -> None:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}.")
+        if not callable(normalizer):
+            raise TypeError(
+                f"normalizer must be callable as normalizer(outputs, targets), got {type(normalizer).__name__}; "
+                "e.g. lambda outputs, targets: (targets != -100).sum()."
+            )
+        self.loss_fn = loss_fn
+        self._normalizer = normalizer
+
+    def __call__(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        """The loss of the batch."""
+        return self.loss_fn(outputs, targets)
+
+    def normalizer(self, outputs: torch.Tensor, targets: Any) -> Any:
+        """The count the batch's mean divides by."""
+        return self._normalizer(outputs, targets)
+
+    def __repr__(self) -> str:
+        return f"NormalizedLoss({getattr(self.loss_fn, '__name__', self.loss_fn)!r})"
+
+
+def has_normalizer(loss_fn: Any) -> bool:
+    """Whether ``loss_fn`` reports its mean's count through a ``normalizer(outputs, targets)`` method."""
+    return callable(getattr(loss_fn, "normalizer", None))
+
+
+def reported_count(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> float:
+    """Call ``loss_fn.normalizer(outputs, targets)`` and check that it is a finite non-negative number.
+
+    Raises:
+        TypeError: If it returns something other than a real number or a one-element tensor.
+        ValueError: If the count is negative or not finite.
+    """
+    value = loss_fn.normalizer(outputs, targets)
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise TypeError(f"loss_fn.normalizer must return one number, got a tensor of shape {tuple(value.shape)}.")
+        value = value.detach().double().item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"loss_fn.normalizer must return a number (the count its mean divides by), got "
+                        f"{type(value).__name__}.")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"loss_fn.normalizer returned {value}; the count a mean divides by is finite and >= 0.")
+    return float(value)
 
 
 def loss_kind(loss_fn: Callable[..., torch.Tensor]) -> Kind:
@@ -66,6 +150,8 @@ def resolve_reduction(loss_fn: Callable[..., torch.Tensor], reduction: str | Non
     """
     attribute = getattr(loss_fn, "reduction", None)
     if attribute == "batchmean":  # KLDivLoss: the sum divided by the batch size, a mean over samples
+        attribute = "mean"
+    if attribute is None and has_normalizer(loss_fn):  # a loss that reports its mean's count is a mean
         attribute = "mean"
     if reduction is None:
         reduction = attribute
@@ -164,27 +250,31 @@ def _ce_position_weights(
     return loss_fn.weight.to(dtype)[targets.clamp(min=0)] * mask
 
 
-def mean_count(kind: Kind, loss_fn: Any, targets: Any, inputs: Any) -> float:
+def mean_count(kind: Kind, loss_fn: Any, targets: Any, inputs: Any, outputs: torch.Tensor | None = None) -> float:
     """Return what ``reduction="mean"`` divides the batch's summed loss by.
 
     MSE: the number of output entries (targets match the outputs' shape). CE: the number of non-ignored
     positions, or the sum of their class weights when ``weight=`` is set (as PyTorch defines it);
-    ``N * d1 * ...`` for probability targets. ``NLLLoss``: as CE. Any other loss: the batch size, which is
-    exact for losses that average over samples (or over a fixed number of entries per sample); a custom
-    loss that averages over a varying number of entries per batch (masked or padded targets) needs
-    ``reduction="sum"`` with the normalization done by the user, or a single batch.
+    ``N * d1 * ...`` for probability targets. ``NLLLoss``: as CE. Any other loss: what its
+    ``normalizer(outputs, targets)`` method reports (:class:`NormalizedLoss`), else the batch size, which is
+    exact for losses that average over samples (or over a fixed number of entries per sample). A custom loss
+    that averages over a count that varies between batches (masked or padded targets) without reporting it
+    is caught by :func:`check_additive` on the batches the operator checks.
 
     Args:
         kind: The loss kind.
         loss_fn: The loss.
         targets: The batch's targets.
         inputs: The batch's inputs.
+        outputs: The batch's outputs (for a ``normalizer``; may be None for the built-in kinds).
 
     Returns:
         The count, as a float.
     """
     from .data import batch_size
 
+    if kind == "other" and has_normalizer(loss_fn) and outputs is not None:
+        return reported_count(loss_fn, outputs, targets)
     if kind == "mse":
         return float(targets.numel())
     if kind == "ce":
@@ -239,8 +329,8 @@ def output_hessian(
             loss = loss_fn(leaf, targets)
             if not loss.requires_grad:
                 raise ValueError(
-                    "the loss does not depend on the model's outputs (a .detach() or .item() inside loss_fn?); "
-                    "curvature needs it differentiable."
+                    f"the loss does not depend on the model's outputs: {no_graph_reason(loss)}; curvature needs it "
+                    "differentiable."
                 )
             (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
             if not g.requires_grad:  # the loss is linear in the outputs
@@ -303,7 +393,7 @@ def per_sample_losses(
         Tensor of shape ``(N,)``.
     """
     if kind == "mse":
-        entries = F.mse_loss(outputs, targets, reduction="none").flatten(1)
+        entries = F.mse_loss(outputs, targets, reduction="none").reshape(outputs.shape[0], -1)  # (N,) outputs too
         return entries.mean(1) if reduction == "mean" else entries.sum(1)
     if kind == "ce":
         entries = F.cross_entropy(
@@ -361,5 +451,78 @@ def infer_reduction(loss_fn: Callable[..., torch.Tensor], outputs: torch.Tensor,
         return "sum"
     raise ValueError(
         "cannot tell how loss_fn reduces over the batch (its value is neither the mean nor the sum of the "
-        "per-sample losses); pass reduction='mean' or reduction='sum' to the operator."
+        "per-sample losses); pass reduction='mean' or reduction='sum' to the operator. A loss that averages over "
+        "something other than samples (tokens that are not padding, say) must report that count: "
+        "curvature.NormalizedLoss(loss_fn, normalizer=lambda outputs, targets: ...)."
+    )
+
+
+def check_additive(
+    loss_fn: Callable[..., torch.Tensor], outputs: torch.Tensor, targets: Any, inputs: Any, reduction: Reduction,
+    where: str,
+) -> None:
+    r"""Check that a batch's loss is the weighted combination of the losses of its two halves.
+
+    The operators add batch curvatures with weights :math:`w_b` (for a mean: the count the loss divides by,
+    :func:`mean_count`; for a sum: 1), which is exact when the loss of a union of batches is
+    :math:`L_{a \cup b} = (w_a L_a + w_b L_b) / (w_a + w_b)` (for a sum: :math:`L_a + L_b`). Splitting one
+    batch in two halves tests that identity for the count in use: a callable that averages over tokens that
+    are not padding, weighted by sample counts, fails it as soon as the halves hold different numbers of
+    tokens; so does a loss that couples the samples of a batch (contrastive losses). Batches that cannot be
+    split by samples, or a loss that fails on a half, are not checked (their weighting is then assumed).
+
+    Args:
+        loss_fn: The callable loss.
+        outputs: The batch's outputs (detached).
+        targets: The batch's targets.
+        inputs: The batch's inputs.
+        reduction: The loss's batch reduction.
+        where: Which batch, for the message (e.g. "batch 2 of data").
+
+    Raises:
+        ValueError: If the identity fails beyond the rounding of the outputs' dtype.
+    """
+    from .data import split_batch
+
+    n = outputs.shape[0] if outputs.ndim else 0
+    if n < 2:
+        return
+    half = n // 2
+    split = [(split_batch(targets, a, b, n), split_batch(inputs, a, b, n)) for a, b in ((0, half), (half, n))]
+    if not all(y_ok and x_ok for (y_ok, _), (x_ok, _) in split):
+        return
+    halves = [(outputs[:half], split[0][0][1], split[0][1][1]), (outputs[half:], split[1][0][1], split[1][1][1])]
+
+    def weight(z: torch.Tensor, y: Any, x: Any) -> float:  # the operator's own weighting (mean_count)
+        return 1.0 if reduction == "sum" else mean_count("other", loss_fn, y, x, z)
+
+    with torch.no_grad():
+        try:
+            values = [float(loss_fn(z, y)) for z, y, _ in halves]
+            whole = float(loss_fn(outputs, targets))
+        except Exception:  # a loss that cannot take half a batch: nothing to compare
+            return
+    weights = [weight(*part) for part in halves]
+    whole_weight = weight(outputs, targets, inputs)
+    # A half whose count is 0 (every token ignored) has a loss of 0/0 and adds nothing.
+    combined = sum(v * w for v, w in zip(values, weights) if w)
+    scale = sum(abs(v * w) for v, w in zip(values, weights) if w)
+    if not (math.isfinite(combined) and math.isfinite(whole)):
+        return
+    tol = math.sqrt(torch.finfo(outputs.dtype).eps) if outputs.is_floating_point() else 1e-6
+    if abs(whole * whole_weight - combined) <= tol * scale + 1e-300:
+        return
+    if reduction == "sum":
+        detail = (f"{where}: the loss of the batch ({whole:.6g}) is not the sum of the losses of its two halves "
+                  f"({values[0]:.6g} + {values[1]:.6g}), as reduction='sum' says")
+    else:
+        counted = "loss_fn.normalizer's counts" if has_normalizer(loss_fn) else "their numbers of samples"
+        detail = (f"{where}: the loss of the batch ({whole:.6g}) is not the mean of the losses of its two halves "
+                  f"({values[0]:.6g} and {values[1]:.6g}) weighted by {counted} ({weights[0]:g} and {weights[1]:g})")
+    raise ValueError(
+        f"{detail}, so the operator would weight batches of different composition wrongly (any batching must "
+        "give the same curvature). A loss that averages over something other than samples (tokens that are not "
+        "padding, a mask) must report that count: curvature.NormalizedLoss(loss_fn, normalizer=lambda outputs, "
+        "targets: (targets != -100).sum()), or a normalizer(outputs, targets) method. A loss that couples the "
+        "samples of a batch has no per-batch decomposition: pass the data as one (inputs, targets) batch."
     )

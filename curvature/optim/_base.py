@@ -10,27 +10,54 @@ Every closure call runs the model's forward pass, so a model whose forward pass 
 train mode) updates them at every trial point too; evaluate such models in eval mode inside the closure, or
 accept the extra updates. A curvature factory is called once per group and its operator reused: an operator
 over a fixed batch stays on that batch while the closure's batch changes.
+
+A step may be taken under ``torch.no_grad()`` or ``torch.inference_mode()``: it runs with inference mode off
+(:func:`no_grad_step`) and differentiates the closure with autograd recording (:func:`evaluate`), so it takes
+exactly the step taken outside them, and the state it keeps holds normal tensors.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union, cast
+from typing import Any, Callable, Optional, TypeVar, Union, cast
 
 import torch
 
-from .._checks import check_count, check_scalar, common_dtype_device
+from .._checks import check_count, check_scalar, common_dtype_device, no_graph_reason
 from .._func import vjp_columns
+from .._modes import autograd_enabled
 from ..operators.base import LinearOperator
 from ..operators.curvature import CurvatureOperator
 
-__all__ = ["CurvatureArg", "CurvatureOptimizer", "Point", "try_steps"]
+__all__ = ["CurvatureArg", "CurvatureOptimizer", "Point", "evaluate", "no_grad_step", "try_steps"]
 
 CurvatureArg = Union[str, Callable[[list[torch.Tensor]], Any]]
 Closure = Callable[[], torch.Tensor]
+F = TypeVar("F", bound=Callable[..., Any])
+# The start of autograd's error when a graph is differentiated after its saved tensors were freed.
+FREED_GRAPH = "backward through the graph a second time"
+
+
+def no_grad_step(fn: F) -> F:
+    """Decorate an optimizer step or a regularizer: run it under ``torch.no_grad()`` with inference mode off.
+
+    ``torch.no_grad()`` alone is not enough under ``torch.inference_mode()``: the tensors a step keeps (saved
+    parameters, optimizer state such as momentum buffers, ``.grad``) would be inference tensors, which a later
+    step outside inference mode cannot update in place, and the closure's loss could not be differentiated.
+    With inference mode off for the call, a step under ``torch.inference_mode()`` is exactly the step taken
+    outside it; the autograd work inside runs in :func:`curvature._modes.autograd_enabled` (:func:`evaluate`).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return cast(F, wrapper)
 
 
 class GraphHessian(LinearOperator):
@@ -139,11 +166,16 @@ def try_steps(closure: Closure, params: list[torch.Tensor], origin: torch.Tensor
 def evaluate(closure: Closure, params: list[torch.Tensor], order: int) -> Point:
     """Call the closure and differentiate its loss ``order`` times (0: value, 1: gradient, 2: Hessian too).
 
+    The closure runs with autograd recording (:func:`curvature._modes.autograd_enabled`), also when the caller
+    is under ``torch.no_grad()`` or ``torch.inference_mode()``.
+
     Raises:
         TypeError: If the closure does not return a floating-point tensor.
-        ValueError: If the loss is not a scalar, or (for ``order >= 1``) does not depend on the parameters.
+        ValueError: If the loss is not a scalar, or (for ``order >= 1``) has no graph (the message says why:
+            a detach, ``torch.no_grad()`` or ``torch.inference_mode()`` inside the closure), or its graph was
+            already freed because the closure called ``backward`` on it.
     """
-    with torch.enable_grad():
+    with autograd_enabled():
         loss = closure()
         if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
             raise TypeError(
@@ -158,12 +190,22 @@ def evaluate(closure: Closure, params: list[torch.Tensor], order: int) -> Point:
             return point
         if not loss.requires_grad:
             raise ValueError(
-                "the closure's loss does not depend on the parameters (computed under torch.no_grad(), detached, "
-                "or after loss.backward()?); return the loss with its graph and do not call backward: the "
-                "optimizer differentiates it."
+                f"the closure's loss has no graph: {no_graph_reason(loss)}. Return the loss with its graph and do "
+                "not call backward: the optimizer differentiates it."
             )
-        grads = torch.autograd.grad(loss, params, create_graph=order >= 2, allow_unused=True)
-    point.grads = [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+        try:
+            grads = torch.autograd.grad(loss, params, create_graph=order >= 2, allow_unused=True)
+        except RuntimeError as error:
+            if FREED_GRAPH not in str(error):
+                raise
+            raise ValueError(
+                "the closure's loss was already differentiated and its graph freed: the closure calls "
+                "loss.backward() (the torch.optim.LBFGS style), or returns a loss computed once outside it. The "
+                "closure must compute the loss and return it without calling backward: the optimizer "
+                "differentiates it, e.g. optimizer.step(lambda: loss_fn(model(x), y)). The parameters are "
+                "unchanged."
+            ) from error
+        point.grads = [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
     point.unused = [g is None for g in grads]
     if order >= 2:
         point.hessian = GraphHessian(grads, params)
@@ -234,9 +276,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             check_count(group["cg_max_iter"], "cg_max_iter")
 
     # -- the step ----------------------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad_step
     def step(self, closure: Optional[Closure] = None) -> torch.Tensor:  # type: ignore[override]
         """Take one step of every parameter group.
+
+        Under ``torch.no_grad()`` or ``torch.inference_mode()`` the step is the one taken outside them.
 
         Args:
             closure: Re-evaluates the model and returns the scalar loss with its graph, without calling
@@ -247,8 +291,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         Raises:
             TypeError: If no callable closure is given or it returns something other than a tensor.
-            ValueError: If the loss is not a scalar or not finite at the start of a group's step, or its
-                gradient is not finite; the parameters and the state of every group are then restored.
+            ValueError: If the loss is not a scalar, has no graph, was already differentiated (the closure
+                called ``backward``), or is not finite at the start of a group's step, or its gradient is not
+                finite; the parameters and the state of every group are then restored.
         """
         if closure is None or not callable(closure):
             raise TypeError(

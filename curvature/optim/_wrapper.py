@@ -4,6 +4,11 @@ The wrapper computes a modified gradient, writes it into ``.grad`` and lets the 
 Adam, ...) take the step. The base optimizer is built on the wrapper's own parameter groups, so both see
 the same groups and hyperparameters, and ``state_dict`` is the base optimizer's (momentum buffers
 included) with the wrapper's hyperparameters in its groups.
+
+The closure is evaluated by :func:`checked_point`, which applies the regularizers' rule
+(:func:`curvature._checks.check_uses_params`): a loss that depends on none of the parameters is refused.
+Steps are decorated with :func:`curvature.optim._base.no_grad_step`, so that under ``torch.no_grad()`` or
+``torch.inference_mode()`` they take the step taken outside them.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from typing import Any, Callable, Optional, cast
 
 import torch
 
-from ._base import Point, evaluate
+from .._checks import check_uses_params
+from ._base import Point, evaluate, no_grad_step
 
-__all__ = ["WrappedOptimizer", "checked_point", "closure_gradient", "restore", "split"]
+__all__ = ["WrappedOptimizer", "checked_point", "closure_gradient", "no_grad_step", "restore", "split"]
 
 Closure = Callable[[], torch.Tensor]
 
@@ -26,13 +32,15 @@ def checked_point(closure: Closure, params: list[torch.Tensor], where: str, orde
 
     Raises:
         TypeError: If the closure does not return a floating-point tensor.
-        ValueError: If the loss is not a scalar, has no graph, or it or its gradient is not finite.
+        ValueError: If the loss is not a scalar, has no graph, was already differentiated (the closure called
+            ``backward``), depends on none of ``params``, or it or its gradient is not finite.
     """
     point = evaluate(closure, params, order=order)
     if not math.isfinite(point.value):
         raise ValueError(f"the loss {where} is not finite ({point.value}); the parameters are unchanged.")
     if not point.finite:
         raise ValueError(f"the gradient {where} holds NaN or Inf; the parameters are unchanged.")
+    check_uses_params(point.unused, f"the loss {where}", "params")
     return point
 
 

@@ -18,13 +18,14 @@ problem (the optimizers in :mod:`curvature.optim` are thin wrappers that evaluat
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from .._checks import check_count, check_scalar
-from ..linalg import lanczos, solve
+from ..linalg import PrecisionWarning, lanczos, solve
 from ..linalg._operand import Operand
 
 __all__ = [
@@ -110,9 +111,16 @@ def _non_negative(value: Any, name: str) -> float:
 
 def _shifted_cg(operand: Operand, grad: torch.Tensor, shift: float, x0: Optional[torch.Tensor],
                 tol: Optional[float], max_iter: Optional[int]) -> Any:
-    """CG on ``(B + shift I) d = -g`` to the given or the forcing tolerance, stopping at negative curvature."""
-    return solve(_Shifted(operand, shift), -grad, method="cg", tol=forcing_tolerance(float(grad.norm()), tol),
-                 max_iter=max_iter, x0=x0, assume_psd=True)
+    """CG on ``(B + shift I) d = -g`` to the given or the forcing tolerance, stopping at negative curvature.
+
+    An inexact solve is part of a truncated Newton method, not a failure: a tolerance below what the products can
+    certify (near a stationary point the forcing tolerance asks for a residual at the rounding of the gradient)
+    is reported in the step's ``converged`` flag, without a :class:`~curvature.linalg.PrecisionWarning`.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)
+        return solve(_Shifted(operand, shift), -grad, method="cg", tol=forcing_tolerance(float(grad.norm()), tol),
+                     max_iter=max_iter, x0=x0, assume_psd=True)
 
 
 def forcing_tolerance(grad_norm: float, tol: Optional[float] = None) -> float:

@@ -7,7 +7,7 @@ from typing import Any, Optional, cast
 import torch
 
 from .._checks import check_scalar
-from ._wrapper import Closure, WrappedOptimizer, checked_point, closure_gradient, restore
+from ._wrapper import Closure, WrappedOptimizer, checked_point, closure_gradient, no_grad_step, restore
 
 __all__ = ["SAM"]
 
@@ -51,6 +51,10 @@ class SAM(WrappedOptimizer):
     Batch norm in train mode updates its running statistics in both forward passes, the perturbed one included
     (as with ``first_step``/``second_step``); the reference implementation's users switch them off for the
     second pass, which the closure can do (set the momentum of the norm layers to 0 while perturbed).
+
+    Like the regularizers, SAM refuses a loss that depends on none of ``params`` (its perturbation would be
+    zero); parameters only part of the loss leaves unused get no ``.grad`` and no step. Every method may be
+    called under ``torch.no_grad()`` or ``torch.inference_mode()``: it does what it does outside them.
 
     Cost: two forward and backward passes per step, and one copy of the parameters.
 
@@ -131,7 +135,7 @@ class SAM(WrappedOptimizer):
         return out
 
     # -- the two-pass step with a closure -------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad_step
     def step(self, closure: Optional[Closure] = None) -> torch.Tensor:  # type: ignore[override]
         """Take one SAM step.
 
@@ -143,8 +147,9 @@ class SAM(WrappedOptimizer):
 
         Raises:
             TypeError: If no closure is given or it returns something other than a tensor.
-            ValueError: If the loss or its gradient is not finite, at the start or at the perturbed point; the
-                parameters are then unchanged.
+            ValueError: If the loss or its gradient is not finite, at the start or at the perturbed point, the
+                loss has no graph, was already differentiated (the closure called ``backward``) or depends on
+                none of the parameters; the parameters are then unchanged.
         """
         closure = self._check_closure(closure, "SAM")
         groups = self._trainable()
@@ -168,7 +173,7 @@ class SAM(WrappedOptimizer):
         return loss
 
     # -- the reference code's interface -------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad_step
     def first_step(self, zero_grad: bool = False) -> None:
         r"""Move to :math:`\theta + \epsilon` using the current ``.grad`` (from the user's ``backward``).
 
@@ -194,7 +199,7 @@ class SAM(WrappedOptimizer):
         if zero_grad:
             self.zero_grad()
 
-    @torch.no_grad()
+    @no_grad_step
     def second_step(self, zero_grad: bool = False) -> None:
         r"""Move back to :math:`\theta` and let the base optimizer step with the current ``.grad``.
 

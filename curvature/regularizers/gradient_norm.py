@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, cast
 import torch
 
 from .._checks import check_scalar
-from ..optim._wrapper import Closure, WrappedOptimizer, checked_point, closure_gradient, restore, split
+from ..optim._wrapper import Closure, WrappedOptimizer, checked_point, closure_gradient, no_grad_step, restore, split
 
 __all__ = ["METHODS", "GradientRegularization", "gradient_norm_penalty"]
 
@@ -37,6 +37,7 @@ def _params(params: Iterable[Any]) -> list[torch.Tensor]:
     return out
 
 
+@no_grad_step
 def gradient_norm_penalty(
     closure: Callable[[], torch.Tensor],
     params: Iterable[torch.Tensor],
@@ -71,6 +72,10 @@ def gradient_norm_penalty(
     exact gradient; larger ``h`` strengthens the implicit bias the paper describes, at the price of a larger
     deviation from the exact penalty's gradient). The parameters are moved in place and restored bit for bit.
 
+    A loss that depends on none of ``params`` is refused (the rule of every regularizer here); parameters
+    that only part of the loss leaves unused get a zero gradient. Under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` the result is the one computed outside them.
+
     Args:
         closure: Returns the loss with its graph, without calling ``backward``; called two or three times.
         params: The parameters (tensors requiring grad; others are skipped).
@@ -84,7 +89,9 @@ def gradient_norm_penalty(
 
     Raises:
         TypeError: If the closure does not return a tensor or ``params`` is a single tensor.
-        ValueError: On a bad option, no parameters, or a non-finite loss or gradient (parameters unchanged).
+        ValueError: On a bad option, no parameters, a loss without a graph, already differentiated (the closure
+            called ``backward``) or depending on none of ``params``, or a non-finite loss or gradient (the
+            parameters are then unchanged).
 
     Example:
         >>> w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
@@ -191,7 +198,7 @@ class GradientRegularization(WrappedOptimizer):
                     f"where the optimizer has {self._own[key]!r}."
                 )
 
-    @torch.no_grad()
+    @no_grad_step
     def step(self, closure: Optional[Closure] = None) -> torch.Tensor:  # type: ignore[override]
         """Compute the regularized gradient and take the base optimizer's step.
 

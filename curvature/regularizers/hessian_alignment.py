@@ -7,7 +7,16 @@ from typing import Any, Optional
 
 import torch
 
-from .._checks import check_count, check_finite, check_generator, check_scalar, common_dtype_device
+from .._checks import (
+    check_count,
+    check_finite,
+    check_generator,
+    check_scalar,
+    check_uses_params,
+    common_dtype_device,
+    no_graph_reason,
+)
+from .._modes import autograd_enabled
 from ..optim._base import flatten
 from ..sampling import rademacher, resolve_generator
 
@@ -85,6 +94,11 @@ def hessian_alignment_penalty(
     third-order pass through the head; memory is that of those graphs plus ``O(E P)`` for ``P`` head
     parameters (the probes are drawn 16 at a time; no ``P × P`` matrix is formed).
 
+    A loss that depends on none of ``head_params`` is refused (the rule of every regularizer here); head
+    parameters that a loss partly leaves unused add zeros, and a loss linear in the head only its gradient
+    term. Called under ``torch.no_grad()`` or ``torch.inference_mode()`` with losses computed outside them, it
+    returns the same value with its graph; a loss computed under inference mode has no graph and is refused.
+
     Args:
         env_losses: One scalar loss with its graph per training domain (at least two), e.g. the mean
             cross-entropy of each domain's batch.
@@ -139,7 +153,8 @@ def hessian_alignment_penalty(
     params = _check_params(head_params)
     dtype, device = common_dtype_device(params, "head_params")
     losses = _check_losses(env_losses)
-    with torch.enable_grad():
+    with autograd_enabled():  # under inference mode too: the autograd work records, the result has its graph
+        losses = [loss.reshape(()) for loss in losses]
         grads = [_gradient(loss, params, e) for e, loss in enumerate(losses)]
         flat = [flatten(parts) for parts in grads]
         g_center = _center(flat)
@@ -160,7 +175,7 @@ def hessian_alignment_penalty(
             if detach_center:
                 c_center = c_center.detach()
             total = total + alpha * sum((c - c_center).pow(2).sum() for c in curvatures)
-    return total / len(losses)
+        return total / len(losses)
 
 
 def _weight(value: Any, name: str) -> float:
@@ -221,20 +236,16 @@ def _check_losses(env_losses: Any) -> list[torch.Tensor]:
             raise TypeError(f"env_losses[{e}] must be floating point, got {loss.dtype}.")
         check_finite(loss.detach(), f"env_losses[{e}]", "check the model's outputs and that domain's data.")
         if not loss.requires_grad:
-            raise ValueError(
-                f"env_losses[{e}] has no graph (computed under torch.no_grad() or detached); pass the loss itself."
-            )
-    return [loss.reshape(()) for loss in losses]
+            with autograd_enabled():  # the reason lies in how the loss was made, not in the caller's mode now
+                reason = no_graph_reason(loss)
+            raise ValueError(f"env_losses[{e}] has no graph: {reason}; pass the loss itself.")
+    return losses
 
 
 def _gradient(loss: torch.Tensor, params: list[torch.Tensor], e: int) -> list[torch.Tensor]:
     """The per-parameter gradient of one domain's loss with its graph; zeros where a parameter is unused."""
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    if all(g is None for g in grads):
-        raise ValueError(
-            f"env_losses[{e}] does not depend on any of head_params; pass the parameters of the head that "
-            "produced these losses."
-        )
+    check_uses_params([g is None for g in grads], f"env_losses[{e}]", "head_params")
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 

@@ -7,7 +7,15 @@ from typing import Optional
 
 import torch
 
-from .._checks import check_count, check_finite, check_generator, common_dtype_device
+from .._checks import (
+    check_count,
+    check_finite,
+    check_generator,
+    check_uses_params,
+    common_dtype_device,
+    no_graph_reason,
+)
+from .._modes import autograd_enabled
 from ..sampling import probes, resolve_generator
 
 __all__ = ["hessian_trace_penalty"]
@@ -38,6 +46,11 @@ def hessian_trace_penalty(
     Cost: one gradient with its graph plus ``num_samples`` double-backward products, each kept alive until the
     result is differentiated: memory of about ``num_samples + 1`` backward graphs.
 
+    A loss that depends on none of ``params`` is refused (the rule of every regularizer here); a loss linear in
+    them has a zero Hessian and a penalty of 0. Called under ``torch.no_grad()`` or ``torch.inference_mode()``
+    with a loss computed outside them, it returns the same value with its graph; a loss computed under
+    inference mode has no graph and is refused.
+
     Args:
         loss: A scalar loss with its graph to ``params``.
         params: The tensors to take the Hessian over (those requiring grad).
@@ -52,8 +65,9 @@ def hessian_trace_penalty(
 
     Raises:
         TypeError: If ``loss`` is not a tensor, ``params`` is a single tensor, or the generator is not one.
-        ValueError: If ``loss`` is not a finite scalar with a graph, ``params`` is empty or mixes dtypes or
-            devices, or ``num_samples`` is below 1.
+        ValueError: If ``loss`` is not a finite scalar with a graph (one computed under inference mode has none)
+            or depends on none of ``params``, ``params`` is empty or mixes dtypes or devices, or ``num_samples``
+            is below 1.
 
     Example:
         >>> w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
@@ -76,10 +90,13 @@ def hessian_trace_penalty(
     check_generator(generator)
     check_finite(loss.detach(), "the loss", "check the model's outputs and the data for NaN/Inf.")
     if not loss.requires_grad:
-        raise ValueError("the loss has no graph (computed under torch.no_grad() or detached); pass the loss itself.")
+        with autograd_enabled():  # the reason lies in how the loss was made, not in the caller's mode now
+            reason = no_graph_reason(loss)
+        raise ValueError(f"the loss has no graph: {reason}; pass the loss itself.")
     generator = resolve_generator(generator)
-    with torch.enable_grad():
+    with autograd_enabled():
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        check_uses_params([g is None for g in grads], "the loss", "params")
         pairs = [(g, p) for g, p in zip(grads, params) if g is not None and g.requires_grad]
         size = sum(p.numel() for p in params)
         V = probes("rademacher", (size, num_samples), generator, dtype, device)
@@ -93,4 +110,4 @@ def hessian_trace_penalty(
             hv = torch.autograd.grad([g for g, _ in pairs], [p for _, p in pairs], vs, create_graph=True,
                                      allow_unused=True)
             total = total + sum((v * h).sum() for v, h in zip(vs, hv) if h is not None)
-    return total / num_samples
+        return total / num_samples
