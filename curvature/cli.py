@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--top-k", type=_int_at_least(1), default=5, metavar="K",
                          help="eigenvalues for top_k (default 5)")
     measure.add_argument("--tol", type=_positive_float, default=1e-3,
-                         help="relative residual tolerance of the eigenvalues (default 1e-3)")
+                         help="relative error of the eigenvalues, certified by their error bounds (default 1e-3)")
     measure.add_argument("--num-matvecs", type=_int_at_least(2), default=100, metavar="N",
                          help="products for the trace and Frobenius estimates (default 100)")
     measure.add_argument("--density-probes", type=_int_at_least(1), default=1, metavar="N",

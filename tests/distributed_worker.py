@@ -168,6 +168,10 @@ def error_cases(rank: int, world: int) -> dict[str, Any]:
     late = [(x[:4], y[:4]), (x[4:8], y[4:8] + (99 if rank == 1 else 0))]  # a bad class index in a later batch
     G = curvature.GGNOperator(model, loss_fn, late, process_group="auto")
     out["late_error_on_rank_1"] = error_of(lambda: G @ v, (Exception,))
+    nan_v = v.clone()
+    if rank == 1:
+        nan_v[0] = float("nan")  # checked before the product on rank 1: the others must learn of it, not wait
+    out["nan_vector_on_rank_1"] = error_of(lambda: H @ nan_v, (Exception,))
     padded = [(x[:0], y[:0])] + (union([mine]) if Data(mine).single or mine else [])  # an empty first batch
     out["empty_first_batch"] = rel(curvature.HessianOperator(model, loss_fn, padded, process_group="auto") @ v, before)
     return out

@@ -112,10 +112,12 @@ def test_misuse_raises_on_every_rank(ranks: tuple[int, list]) -> None:
             assert "does not fit the model" in errors["shape_error_on_rank_1"]
             assert "RuntimeError: mat1 and mat2" in errors["shape_error_on_rank_1"]
             assert "class indices" in errors["late_error_on_rank_1"] or "99" in errors["late_error_on_rank_1"]
+            assert "vector multiplied by the operator contains NaN" in errors["nan_vector_on_rank_1"]
         else:
             assert "failed on rank(s) [1]" in errors["nan_on_rank_1"]
             assert "failed on rank(s) [1]" in errors["shape_error_on_rank_1"]
             assert "product failed on rank(s) [1]" in errors["late_error_on_rank_1"]
+            assert "product failed on rank(s) [1]" in errors["nan_vector_on_rank_1"]
 
 
 def test_process_group_argument_errors() -> None:

@@ -266,15 +266,15 @@ class _PSD:
 
 
 def test_gap_bound_stops_before_the_residual_test() -> None:
-    """tol = 1e-3 on the GGN of the registry's CNN: the gap bound certifies the eigenvalue while its residual is
-    still above tol·|θ| (the residual test spent 13 products on an error of 1e-7; now 10, error 2e-6)."""
+    """tol = 1e-3 on the GGN of the registry's CNN: fewer products than the residual test's 13, the error within the
+    bound within tol. On a spectrum with a clear gap the bound certifies the eigenvalue while its residual is still
+    far above tol·|θ|."""
     case = make_case("cnn_ce_mean", torch.float64)
     op = OPERATORS["ggn"][0](case["model"], case["loss_fn"], case["data"])
     exact = float(torch.linalg.eigvalsh(reference("ggn", "cnn_ce_mean"))[-1])
     result = eigenvalues(op, k=1, tol=1e-3, generator=seeded(0))
     theta = float(result.values[0])
     assert result.converged and result.num_matvecs < 13
-    assert float(result.residuals[0]) > 1e-3 * theta  # the residual test would not have stopped here
     assert abs(theta - exact) <= float(result.error_bounds[0]) <= 1e-3 * theta
     # A spectrum with two outliers over a bulk: the second converges fast, the gap resolves, and the bound
     # stops Lanczos well before the residual reaches tol.
@@ -405,3 +405,23 @@ def test_half_precision_model_near_a_minimum_is_certified_in_float32(confident_m
         assert top_error <= result.error_bounds[0] or result.error_bounds[0] > spectrum[-1] - spectrum[-2]
         if result.converged:
             assert bool((nearest <= tol * result.values.abs()).all()), tol
+
+
+def test_error_bounds_hold_on_low_rank_ggns() -> None:
+    """The GGN of one sample has rank C - 1 and a null space at 0: a far, converged Ritz value near 0 used to make
+    the gap look resolved after two steps, with the eigenvalues not yet seen inside it (bound 5.9e-4, error
+    3.6e-3). The bound must hold against the nearest eigenvalue in every run (a run may still settle on λ₂ when
+    the start vector barely touches the top eigenvector: that is a Krylov method's blind spot, not the bound's)."""
+    runs = 0
+    for s in range(12):
+        torch.manual_seed(s)
+        model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
+        x, y = torch.randn(1, 10, dtype=torch.float64), torch.randint(0, 5, (1,))
+        G = OPERATORS["ggn"][0](model, torch.nn.CrossEntropyLoss(), (x, y)).to_dense()
+        spectrum = torch.linalg.eigvalsh(G)
+        for tol in (1e-2, 1e-3):
+            for seed in range(3):
+                result = eigenvalues(G, k=1, tol=tol, generator=seeded(seed))
+                assert bool((_nearest(result.values, spectrum) <= result.error_bounds).all()), (s, tol, seed)
+                runs += 1
+    assert runs == 72

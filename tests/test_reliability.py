@@ -132,17 +132,45 @@ def test_batch_dependent_model(case_name: str) -> None:
     assert rel_err(op.to_dense(), expected) <= 1e-10
 
 
-@pytest.mark.parametrize("data", ["single", "loader"])
-def test_batchnorm_without_running_statistics_is_refused(data: str) -> None:
+def test_batchnorm_without_running_statistics() -> None:
+    """It normalizes every batch with that batch's statistics, in eval mode too: refused by name over several
+    batches; over one batch the curvature of that batch's loss as written, which the reference confirms."""
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 3)).double()
     model.eval()
     x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
-    batches = (x, y) if data == "single" else DataLoader(TensorDataset(x, y), batch_size=8)
     before = snapshot(model)
     for cls, _ in OPERATORS.values():
         with pytest.raises(ValueError, match="track_running_stats=False"):
-            cls(model, nn.CrossEntropyLoss(), batches)
+            cls(model, nn.CrossEntropyLoss(), [(x[:8], y[:8]), (x[8:], y[8:])])
     assert_unchanged(model, before)
+    H = curvature.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+    assert rel_err(H.to_dense(), curvature.reference.hessian_matrix(model, nn.CrossEntropyLoss(), (x, y))) <= 1e-10
+
+
+def test_sequence_first_models_and_models_that_need_whole_batches() -> None:
+    """Sequence-first inputs look like samples that depend on their batch (nothing tells the two apart, and
+    accepting a batch-mixing model would be silently wrong): refused over several batches with the fix named,
+    exact over one. A model that cannot take half a batch cannot be checked: accepted, not refused."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=4, nhead=2, dim_feedforward=8, dropout=0.0)
+    model = nn.Sequential(nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False), nn.Linear(4, 2))
+    model = model.double().eval()
+    x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randn(5, 6, 2, dtype=torch.float64)  # (S, N, E)
+    with pytest.raises(ValueError, match="batch_first=True"):
+        curvature.GGNOperator(model, nn.MSELoss(reduction="sum"), [(x[:, :4], y[:, :4]), (x[:, 4:], y[:, 4:])])
+    op = curvature.GGNOperator(model, nn.MSELoss(reduction="sum"), (x, y))
+    assert rel_err(op.to_dense(), curvature.reference.ggn(model, nn.MSELoss(reduction="sum"), (x, y))) <= 1e-10
+
+    class WholeBatch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.reshape(4, -1))  # a hard-coded batch size
+
+    data = [(torch.randn(4, 2, 3, dtype=torch.float64), torch.randint(0, 2, (4,))) for _ in range(2)]
+    curvature.GGNOperator(WholeBatch().double(), nn.CrossEntropyLoss(), data)
 
 
 @pytest.mark.parametrize("norm", [lambda: nn.GroupNorm(1, 3), lambda: nn.InstanceNorm1d(3, affine=True)])
@@ -212,6 +240,47 @@ def test_later_batch_with_other_weighting_is_caught_in_the_first_product() -> No
         op @ torch.ones(op.shape[0], dtype=torch.float64)
 
 
+def test_token_weighting_is_seen_in_float32() -> None:
+    """Near initialization every token's loss is about the same, so loss values could not tell a token mean from a
+    sample mean in float32 (a GGN 15% off was accepted); the gradients in the outputs can."""
+    torch.manual_seed(0)
+    model = make_case("lm_shifted_tokens_mean", torch.float32)["model"]
+    with torch.no_grad():  # near-uniform predictions, as in a fresh language model
+        model.head.weight.mul_(1e-3)
+        model.head.bias.zero_()
+    tokens = torch.randint(0, 7, (4, 12))
+    labels = tokens.clone()
+    labels[2:, 3:] = -100  # the halves of the batch hold 22 and 4 tokens
+    with pytest.raises(ValueError, match="NormalizedLoss"):
+        curvature.GGNOperator(model, shifted_lm_loss, [(tokens, labels), (tokens, labels)], reduction="mean")
+
+
+def test_outputs_per_sample_that_change_between_batches() -> None:
+    """Batches of sequences of 2 and of 9 tokens: a custom token mean weighted by samples was 7% off, and no split
+    of one batch can see it. Refused unless the count is reported; a torch.nn loss that averages over entries is
+    counted by entries and exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    short, long_ = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(5, 9, 3, dtype=torch.float64)
+    targets = [torch.rand(5, 2, 2, dtype=torch.float64).round(), torch.rand(5, 9, 2, dtype=torch.float64).round()]
+    batches = [(short, targets[0]), (long_, targets[1])]
+
+    def token_mean(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(z, t)
+
+    op = curvature.HessianOperator(model, token_mean, batches, reduction="mean", keep_graph=False)
+    with pytest.raises(ValueError, match="per sample where the first batch had.*NormalizedLoss"):
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
+    counted = curvature.NormalizedLoss(token_mean, lambda z, t: z.numel())
+    bce = nn.BCEWithLogitsLoss()
+    H_counted = curvature.HessianOperator(model, counted, batches).to_dense()
+    H_torch = curvature.HessianOperator(model, bce, batches).to_dense()
+    # The truth: the mean over every entry of both batches, by hand (the batches cannot be concatenated).
+    flat = (torch.cat([short.reshape(-1, 3), long_.reshape(-1, 3)]), torch.cat([t.reshape(-1, 2) for t in targets]))
+    truth = curvature.reference.hessian_matrix(model, bce, flat)
+    assert rel_err(H_counted, truth) <= 1e-10 and rel_err(H_torch, truth) <= 1e-10
+
+
 def test_normalizer_must_be_a_count() -> None:
     model, batches = _lm_batches()
     with pytest.raises(ValueError, match="normalizer returned -"):
@@ -260,6 +329,57 @@ def test_random_samplers_and_augmentation_are_refused() -> None:
         curvature.HessianOperator(model, loss_fn, DataLoader(Augmented(), batch_size=7))
     with pytest.raises(ValueError, match="shuffle=False"):
         curvature.FisherOperator(model, loss_fn, DataLoader(dataset, batch_size=6, shuffle=True), mc_samples=2)
+
+
+def test_shuffled_loader_with_random_augmentation_is_refused() -> None:
+    """The usual training loader: shuffled, with a random transform. Two products of one vector differed by 21%."""
+    model, loss_fn, loader = _loader_case()
+    dataset = loader.dataset
+
+    class Augmented(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(dataset)
+
+        def __getitem__(self, i: int):
+            x, y = dataset[i]
+            return x + 0.01 * torch.randn_like(x), y
+
+    with pytest.raises(ValueError, match="different sample 0 when read twice"):
+        curvature.HessianOperator(model, loss_fn, DataLoader(Augmented(), batch_size=7, shuffle=True))
+
+
+def test_batch_samplers() -> None:
+    """drop_last given through an explicit BatchSampler is read there; a custom batch sampler without .sampler (a
+    list of index lists) is fine and exact."""
+    model, loss_fn, loader = _loader_case()
+    dataset = loader.dataset
+    sampler = torch.utils.data.BatchSampler(RandomSampler(dataset), batch_size=7, drop_last=True)
+    with pytest.raises(ValueError, match="drop_last=True"):
+        curvature.GGNOperator(model, loss_fn, DataLoader(dataset, batch_sampler=sampler))
+    buckets = [list(range(0, 11)), list(range(11, 30))]
+    op = curvature.GGNOperator(model, loss_fn, DataLoader(dataset, batch_sampler=buckets))
+    assert rel_err(op.to_dense(), reference("ggn", "loader_uneven_ce_mean")) <= 1e-10
+
+
+def test_data_with_nan_marks_and_numpy_leaves_is_not_taken_for_random() -> None:
+    """NaN equals NaN when a batch is read twice (masked labels), and NumPy leaves compare as arrays."""
+    import numpy as np
+
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(6, 2, dtype=torch.float64)
+    y[0, 1] = float("nan")
+
+    def masked(z: torch.Tensor, t: dict) -> torch.Tensor:
+        keep = ~t["y"].isnan()
+        return (z[keep] - t["y"][keep]).pow(2).sum()
+
+    class Loader:
+        def __iter__(self):
+            yield x[:3], {"y": y[:3], "ids": np.arange(3)}
+            yield x[3:], {"y": y[3:], "ids": np.arange(3, 6)}
+
+    curvature.HessianOperator(model, masked, Loader(), reduction="sum")
 
 
 def test_one_shot_iterable_is_refused() -> None:
@@ -316,6 +436,12 @@ def test_ambiguous_list_of_two_tensors_warns() -> None:
         warnings.simplefilter("error")  # a tuple is a pair, and a pair of different kinds is unambiguous
         curvature.HessianOperator(case["model"], energy, (x[:12], x[12:]))
         curvature.HessianOperator(case["model"], case["loss_fn"], list(case["data"]))
+    model = case["model"]
+    named = nn.Module()
+    named.forward = lambda x: model(x)  # a model called with dict inputs, model(**{"x": ...})
+    named.add_module("inner", model)
+    with pytest.warns(UserWarning, match="two dicts of tensors"):
+        curvature.HessianOperator(named, energy, [{"x": x[:12]}, {"x": x[12:]}])
 
 
 # -- errors that name their cause -------------------------------------------------------------------------------------
@@ -362,3 +488,45 @@ def test_integer_loss_is_refused_at_construction() -> None:
     case = make_case("mlp_tanh_ce_mean")
     with pytest.raises(TypeError, match="floating-point loss"):
         curvature.HessianOperator(case["model"], lambda z, y: (z.argmax(1) == y).sum(), case["data"])
+
+
+def test_lazy_modules_are_named_and_the_monitor_waits_for_them() -> None:
+    model = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    with pytest.raises(ValueError, match="not initialized yet.*forward pass"):
+        curvature.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+    monitor = curvature.SharpnessMonitor(model, nn.CrossEntropyLoss(), (x, y))
+    model(x)  # the first training forward pass initializes it
+    assert monitor.step()["lambda_max"] > 0
+
+
+def test_half_precision_model_that_cannot_run_in_float32() -> None:
+    """The float32 certification of a half-precision result needs the model in float32; a model holding a plain
+    half-precision tensor cannot: the result keeps its half-precision bounds, with a warning, instead of failing
+    after all its products."""
+
+    class Projected(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.proj = torch.randn(4, 4)  # a plain attribute, not a buffer: not cast by the float32 view
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.tanh(x @ self.proj))
+
+    model = Projected().to(torch.bfloat16)
+    model.proj = model.proj.to(torch.bfloat16)
+    data = (torch.randn(16, 4, dtype=torch.bfloat16), torch.randint(0, 3, (16,)))
+    H = curvature.HessianOperator(model, nn.CrossEntropyLoss(), data)
+    with pytest.warns(RuntimeWarning, match="float32 products that certify"):
+        result = curvature.eigenvalues(H, k=1, tol=0.5, generator=torch.Generator().manual_seed(0))
+    assert result.values[0] > 0
+
+
+def test_certification_products_are_counted_in_the_report() -> None:
+    case = make_case("mlp_tanh_ce_mean", torch.bfloat16)
+    report = curvature.sharpness(case["model"], case["loss_fn"], case["data"], metrics=("lambda_max",), tol=0.1,
+                                 quiet=True, generator=torch.Generator().manual_seed(0))
+    H = curvature.HessianOperator(case["model"], case["loss_fn"], case["data"])
+    result = curvature.eigenvalues(H, k=1, tol=0.1, generator=torch.Generator().manual_seed(0))
+    assert report.num_matvecs["eigenvalues"] == result.num_matvecs == H.num_matvecs

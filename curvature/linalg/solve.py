@@ -274,6 +274,41 @@ def _rounding(operand: Operand) -> float:
     return NOISE * operand.unit_roundoff if operand.unit_roundoff > torch.finfo(operand.work_dtype).eps else 0.0
 
 
+class _Residuals:
+    """``b - A x`` for the final checks, through float32 products where the operator offers them.
+
+    A half-precision operator's float32 view (:meth:`~curvature.linalg._operand.Operand.refined`) gives the
+    residual to float32 rounding; without one, its own products with a rounding margin do.
+
+    A model that cannot run in float32 (a plain half-precision tensor attribute, a hard-coded ``.half()``) makes
+    the first float32 product fail: the check then falls back to the operator's own products, and warns.
+
+    Attributes:
+        margin: The relative rounding of the products used, to be added as ``margin ‖A‖ ‖x‖`` (:func:`_rounding`;
+            0 with float32 products).
+    """
+
+    def __init__(self, operand: Operand) -> None:
+        self.operand = operand
+        self.refined = operand.refined()
+        self.margin = 0.0 if self.refined is not None else _rounding(operand)
+
+    def __call__(self, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.refined is not None:
+            try:
+                return b - self.operand.refined_product(self.refined, x)
+            except (RuntimeError, ValueError, TypeError) as error:
+                dtype = str(self.operand.dtype).replace("torch.", "")
+                warnings.warn(
+                    f"solve: the float32 product that checks a {dtype} residual failed ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:200]}); the residual is computed in {dtype}, with its rounding "
+                    "margin.",
+                    RuntimeWarning, stacklevel=4,
+                )
+                self.refined, self.margin = None, _rounding(self.operand)
+        return b - self.operand @ x
+
+
 def _certify(operand: Operand, b: torch.Tensor, x: torch.Tensor, threshold: float, a_norm: float,
              b_norm: float) -> tuple[float, bool, float]:
     """The residual of ``x`` (in the operator's dtype) computed afresh: ``(‖b - A x‖, converged, achievable)``.
@@ -282,13 +317,9 @@ def _certify(operand: Operand, b: torch.Tensor, x: torch.Tensor, threshold: floa
     half-precision products (:func:`_rounding`) within ``threshold``; when it is not, ``achievable`` is the
     relative residual that was certified instead (0 when converged).
     """
-    refined = operand.refined()
-    if refined is not None:  # float32 products: the residual of x to float32 rounding, no margin needed
-        residual, x_norm = operand.fetch_floats((b - operand.refined_product(refined, x)).norm(), x.norm())
-        margin = 0.0
-    else:
-        residual, x_norm = operand.fetch_floats((b - operand @ x).norm(), x.norm())
-        margin = _rounding(operand) * a_norm * x_norm
+    residuals = _Residuals(operand)
+    residual, x_norm = operand.fetch_floats(residuals(b, x).norm(), x.norm())
+    margin = residuals.margin * a_norm * x_norm
     converged = residual + margin <= threshold
     return residual, converged, 0.0 if converged else (residual + margin) / b_norm
 
@@ -502,19 +533,15 @@ def _minres(
     if verify:
         # Compute the true residual; if it misses tol, also that of the trusted iterate with the least
         # ‖A r‖ / ‖r‖, and keep that one unless the last is better by more than its rounding.
-        refined = operand.refined()  # half precision: residuals from float32 products, to float32 rounding
-
-        def product(v: torch.Tensor) -> torch.Tensor:
-            return operand @ v if refined is None else operand.refined_product(refined, v)
-
-        (residual_norm, x_norm) = operand.fetch_floats((b - product(x)).norm(), x.norm())
+        residuals = _Residuals(operand)  # half precision: from float32 products, to float32 rounding
+        (residual_norm, x_norm) = operand.fetch_floats(residuals(b, x).norm(), x.norm())
         if residual_norm > threshold and has_best_ and not best_is_z_:
             x_best = (x0 + best_z).to(operand.dtype)
-            (best_norm,) = operand.fetch_floats((b - product(x_best)).norm())
+            (best_norm,) = operand.fetch_floats(residuals(b, x_best).norm())
             if best_norm <= residual_norm + eps * a_norm_ * x_norm:
                 x, residual_norm = x_best, best_norm
                 (x_norm,) = operand.fetch_floats(x.norm())
-        margin = 0.0 if refined is not None else _rounding(operand) * a_norm_ * x_norm
+        margin = residuals.margin * a_norm_ * x_norm
         claimed, converged = converged, residual_norm + margin <= threshold
         if claimed and not converged:  # the recurrence met tol; the products cannot certify it
             achievable = (residual_norm + margin) / b_norm

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.parameter import is_lazy
 from torch.utils._pytree import tree_map
 
 from .._checks import check_finite, common_dtype_device, no_graph_reason
@@ -35,7 +36,15 @@ from .data import (
     to_device,
     unwrap_model,
 )
-from .losses import check_additive, check_targets, infer_reduction, loss_kind, mean_count, resolve_reduction
+from .losses import (
+    check_additive,
+    check_targets,
+    infer_reduction,
+    known_count,
+    loss_kind,
+    mean_count,
+    resolve_reduction,
+)
 
 __all__ = ["CurvatureOperator", "select_parameters"]
 
@@ -109,26 +118,18 @@ def select_parameters(model: nn.Module, params: ParamsArg) -> list[tuple[str, nn
 
 
 def check_deterministic(model: nn.Module) -> None:
-    """Refuse a model whose layers would make the curvature random, change its buffers or depend on the batching.
+    """Refuse a model whose train-mode layers would make the curvature random or change its buffers.
 
     Args:
         model: The model.
 
     Raises:
-        ValueError: If a dropout layer with ``p > 0`` or a batch-norm layer is in training mode, or a batch-norm
-            layer without running statistics (``track_running_stats=False``) is in the model in any mode.
+        ValueError: If a dropout layer with ``p > 0`` or a batch-norm layer is in training mode.
     """
     for name, module in model.named_modules():
-        label = f"{name or 'the model'} ({type(module).__name__})"
-        if isinstance(module, _BatchNorm) and module.running_mean is None and module.running_var is None:
-            raise ValueError(
-                f"{label} has no running statistics (track_running_stats=False), so even in eval mode it normalizes "
-                "each batch with that batch's own statistics: the curvature would depend on how the data is batched "
-                "(and differ from one loader to another). Use a normalization whose outputs do not depend on the "
-                "other samples (track_running_stats=True with estimated statistics, GroupNorm, LayerNorm)."
-            )
         if not module.training:
             continue
+        label = f"{name or 'the model'} ({type(module).__name__})"
         if isinstance(module, _DropoutNd) and module.p > 0:
             raise ValueError(
                 f"{label} is in training mode and drops units at random, so the curvature would be random; "
@@ -138,6 +139,30 @@ def check_deterministic(model: nn.Module) -> None:
             raise ValueError(
                 f"{label} is in training mode: it normalizes with batch statistics and updates its running "
                 "statistics on every forward pass; call model.eval() first."
+            )
+
+
+def check_batch_statistics(model: nn.Module) -> None:
+    """Refuse batch-norm layers without running statistics, for curvature over several batches.
+
+    Such a layer (``track_running_stats=False``) normalizes every batch with that batch's own statistics, in eval
+    mode too, so the curvature over several batches would depend on how the data is batched. Over one batch it
+    is the curvature of that batch's loss as written, which is well defined: this check is for several.
+
+    Args:
+        model: The model.
+
+    Raises:
+        ValueError: If the model holds one.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and module.running_mean is None and module.running_var is None:
+            raise ValueError(
+                f"{name or 'the model'} ({type(module).__name__}) has no running statistics "
+                "(track_running_stats=False), so even in eval mode it normalizes each batch with that batch's own "
+                "statistics: the curvature over several batches would depend on how the data is batched. Pass the "
+                "data as one (inputs, targets) batch, or use a normalization whose outputs do not depend on the "
+                "other samples (track_running_stats=True with estimated statistics, GroupNorm, LayerNorm)."
             )
 
 
@@ -270,6 +295,12 @@ class CurvatureOperator(LinearOperator):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}.")
+        lazy = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if is_lazy(t)]
+        if lazy:
+            raise ValueError(
+                f"the model's {lazy[:3]}{' ...' if len(lazy) > 3 else ''} are not initialized yet (lazy modules such "
+                "as nn.LazyLinear): run one forward pass of the model first, then build the operator."
+            )
         inference = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_inference()]
         if inference:
             raise ValueError(
@@ -309,6 +340,7 @@ class CurvatureOperator(LinearOperator):
         self.process_group = resolve_process_group(process_group, wrapper_group)
         self._shards = ShardReduction(self.process_group, self.device) if self.process_group is not None else None
         self._additive: set[int] = set()  # batches whose weighting check_additive has confirmed
+        self._sample_shape: tuple[int, ...] | None = None  # outputs per sample, where the weighting depends on it
         self._compute_dtype: torch.dtype | None = None  # float32 inside the products of higher_precision()
         self._cache: list[tuple[Any, float]] = []
         self._cache_complete = False
@@ -502,41 +534,62 @@ class CurvatureOperator(LinearOperator):
             self._check_samples_independent(inputs, outputs)
             if self._kind == "other" and self._weights_by_loss:
                 check_additive(self.loss_fn, outputs, targets, inputs, self.reduction, "the first batch of data")
+                if self.reduction == "mean" and not known_count(self.loss_fn):
+                    self._sample_shape = tuple(outputs.shape[1:])
 
     def _check_samples_independent(self, inputs: Any, outputs: torch.Tensor) -> None:
         """Refuse a model whose outputs for a sample depend on the other samples of its batch.
 
-        Such a model (a layer with batch statistics, attention across the batch, inputs that are not batch-first)
-        has a curvature that depends on how the data is batched, which an operator over several batches must not.
-        The first half of the first batch is run alone (no graph) and its outputs compared with the first half of
-        the whole batch's, to the rounding of the dtype. Batches that cannot be split by samples are not checked.
+        Such a model (a layer with batch statistics, attention across the batch) has a curvature that depends on
+        how the data is batched, which an operator over several batches must not. Batch-norm layers without
+        running statistics are refused by name (:func:`check_batch_statistics`); for any other model the first
+        half of the first batch is run alone (no graph) and its outputs compared with the first half of the whole
+        batch's, to the rounding of the dtype. Inputs that are not batch-first (a sequence-first transformer or
+        RNN) show the same dependence along their first dimension and are refused too: nothing tells them apart
+        from a model that mixes the samples of a batch, and accepting one of those would be silently wrong. A batch
+        that cannot be split, or a model that cannot take half of it, is not checked.
 
         Raises:
             ValueError: If the outputs differ.
         """
-        n = batch_size(inputs)
-        if n < 2 or outputs.ndim == 0 or outputs.shape[0] != n:
+        check_batch_statistics(self.model)
+        change = self._half_batch_change(inputs, outputs)
+        if change is None or change[0] <= change[1]:
             return
+        n = outputs.shape[0]
+        raise ValueError(
+            f"the model's outputs for the first {n // 2} samples of the first batch change (by {change[0]:.3g}, "
+            f"allowed {change[1]:.3g}) when the rest of the batch is left out: a sample's outputs depend on the "
+            "other samples of its batch (a layer with batch statistics, attention across the batch, or inputs "
+            "that are not batch-first, such as nn.Transformer or nn.LSTM without batch_first=True), so the "
+            "curvature over several batches would depend on how the data is batched. Pass the data as one "
+            "(inputs, targets) batch, or make the samples independent along the first dimension (batch_first=True, "
+            "eval-mode normalization with running statistics)."
+        )
+
+    def _half_batch_change(self, inputs: Any, outputs: torch.Tensor) -> tuple[float, float] | None:
+        """How much the first half of the batch changes when run alone: ``(change, allowed)``.
+
+        None when the batch cannot be split by samples or the model cannot take the half.
+        """
+        if outputs.ndim == 0:
+            return None
+        n = outputs.shape[0]
         ok, part = split_batch(inputs, 0, n // 2, n)
-        if not ok:
-            return
-        with torch.no_grad(), self._rng_preserved():
-            alone = self._forward("half of the first batch of data", self._state(), part)
+        if n < 2 or not ok:
+            return None
+        try:
+            with torch.no_grad(), self._rng_preserved():
+                alone = model_outputs(self.model, self._state(), part)
+        except (RuntimeError, ValueError, TypeError, IndexError):  # the model needs the whole batch: cannot tell
+            return None
         together = outputs[: n // 2]
         if not isinstance(alone, torch.Tensor) or alone.shape != together.shape:
-            return
-        scale = float(together.abs().max())
+            return None
         change = float((alone - together).abs().max())
-        if change <= math.sqrt(torch.finfo(outputs.dtype).eps) * scale or not math.isfinite(change):
-            return
-        raise ValueError(
-            f"the model's outputs for the first {n // 2} samples of the first batch change (by {change:.3g}, "
-            f"outputs up to {scale:.3g}) when the rest of the batch is left out: a sample's outputs depend on the "
-            "other samples of its batch (a layer with batch statistics, attention across the batch, or inputs that "
-            "are not batch-first), so the curvature over several batches would depend on how the data is batched. "
-            "Pass the data as one (inputs, targets) batch, or make the samples independent (eval-mode "
-            "normalization with running statistics, batch-first inputs)."
-        )
+        if not math.isfinite(change):
+            return None
+        return change, math.sqrt(torch.finfo(outputs.dtype).eps) * float(together.abs().max())
 
     def _loss(self, outputs: torch.Tensor, targets: Any, index: int) -> torch.Tensor:
         """``loss_fn(outputs, targets)`` of batch ``index``; an error names the batch."""
@@ -614,6 +667,15 @@ class CurvatureOperator(LinearOperator):
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{where}: {err}") from err
             return
+        if self._sample_shape is not None and tuple(outputs.shape[1:]) != self._sample_shape:
+            raise ValueError(
+                f"{where} has outputs of {tuple(outputs.shape[1:])} per sample where the first batch had "
+                f"{self._sample_shape}: loss_fn may average over entries rather than samples, and the operator "
+                "weights each batch by its number of samples, which would then be wrong (7% off on sequences of "
+                "2 and 9 tokens). Say what loss_fn divides by: curvature.NormalizedLoss(loss_fn, normalizer=lambda "
+                "outputs, targets: outputs.shape[0]) for a mean over samples, or normalizer=lambda outputs, "
+                "targets: outputs.numel() (or the tokens that count) for a mean over entries."
+            )
         if (self.verify and self._weights_by_loss and index not in self._additive
                 and (not self._data.single or self._shards is not None)):
             check_additive(self.loss_fn, outputs.detach(), targets, inputs, self.reduction, where)
@@ -717,11 +779,18 @@ class CurvatureOperator(LinearOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         self._sync_with_model()
-        if self.verify:  # before the product, so that it is not blamed on the model
-            check_finite(V, "the vector multiplied by the operator",
-                         "pass a finite vector (the NaN or Inf is in v, not in the model or the data).")
         with autograd_enabled():  # under torch.no_grad() or torch.inference_mode() too
             return self._product(recordable(V))
+
+    def _check_vector(self, V: torch.Tensor) -> None:
+        """With ``verify``, refuse a NaN or Inf in ``V`` before the product, so that it is not blamed on the model.
+
+        In a process group it runs inside the product's error handling: a rank whose vector is not finite joins the
+        all-reduce with its failure flag, and the others raise naming it instead of waiting for it.
+        """
+        if self.verify:
+            check_finite(V, "the vector multiplied by the operator",
+                         "pass a finite vector (the NaN or Inf is in v, not in the model or the data).")
 
     def higher_precision(self) -> LinearOperator | None:
         """This operator with its products computed in float32, for a float16 or bfloat16 model (else None).
@@ -748,9 +817,6 @@ class CurvatureOperator(LinearOperator):
     def _float32_product(self, V: torch.Tensor) -> torch.Tensor:
         """``A @ V`` for a float32 ``(P, k)`` matrix, with everything cast to float32 (see :meth:`higher_precision`)."""
         self._sync_with_model()
-        if self.verify:
-            check_finite(V, "the vector multiplied by the operator",
-                         "pass a finite vector (the NaN or Inf is in v, not in the model or the data).")
         saved = self._compute_dtype, self.keep_graph
         self._compute_dtype, self.keep_graph = torch.float32, False
         try:
@@ -764,8 +830,12 @@ class CurvatureOperator(LinearOperator):
         vs = [chunk.reshape(k, *shape) for chunk, shape in zip(V.T.split(self._sizes, dim=1), self._shapes)]
         error: Exception | None = None
         dtype = self._compute_dtype or self.dtype
+        if self._shards is None:
+            self._check_vector(V)
         with float32_precision(self.device, dtype, self.allow_tf32), differentiable_attention():
             try:
+                if self._shards is not None:
+                    self._check_vector(V)
                 total, first_weight, weight_sum, batches = self._local_sum(vs, k)
             except Exception as err:
                 if self._shards is None:
@@ -835,4 +905,6 @@ class _Float32Products(LinearOperator):
         self.op = op
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self.op._float32_product(V)
+        out = self.op._float32_product(V)
+        self.op.num_matvecs += V.shape[1]  # products of the same operator: counted there too
+        return out

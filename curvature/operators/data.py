@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -123,30 +124,63 @@ def floating_tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 
 def _same_batches(a: Any, b: Any) -> bool:
-    """Whether two batches hold the same structure and bit-identical tensors."""
+    """Whether two batches hold the same structure and identical tensors (NaN where NaN was).
+
+    Leaves that are neither tensors nor containers are compared with ``==`` where that gives one truth value
+    (NumPy arrays with ``array_equal``); leaves that cannot be compared count as equal (nothing to refuse on).
+    """
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu())))
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        a, b = a.cpu(), b.cpu()
+        if a.is_floating_point() or a.is_complex():  # NaN marks (missing labels, masks) equal NaN
+            return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))
+        return bool(torch.equal(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same_batches(a[key], b[key]) for key in a)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same_batches(x, y) for x, y in zip(a, b))
-    return type(a) is type(b) and a == b
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        try:
+            return bool(np.array_equal(a, b, equal_nan=True))
+        except TypeError:  # not numbers: compare without NaN
+            return bool(np.array_equal(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an object without a single truth value: cannot tell, do not refuse
+        return True
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """Whether two batch entries look like two batches of one thing.
+
+    Tensors (or dicts of tensors) of the same dtypes and trailing shapes, under the same keys.
+    """
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and a.shape[1:] == b.shape[1:]
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and bool(a) and all(_same_kind(a[key], b[key]) for key in a)
+    return False
 
 
 def _warn_if_ambiguous(data: Any) -> None:
-    """Warn when a list of two tensors of one kind is read as an (inputs, targets) pair."""
-    if not (isinstance(data, list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
+    """Warn when a list of two entries of one kind is read as an (inputs, targets) pair.
+
+    Two tensors, or two dicts of tensors, of one kind may be two batches of inputs for a loss without targets.
+    """
+    if not (isinstance(data, list) and len(data) == 2 and _same_kind(*data)):
         return
-    first, second = data
-    if first.dtype == second.dtype and first.shape[1:] == second.shape[1:]:
-        warnings.warn(
-            f"data is a list of two {first.dtype} tensors of shapes {tuple(first.shape)} and {tuple(second.shape)}, "
-            "read as ONE (inputs, targets) pair. If they are two batches of inputs for a loss without targets, "
-            "pass [(x1, None), (x2, None)]; to say it is a pair (and silence this), pass a tuple (inputs, targets).",
-            UserWarning,
-            stacklevel=4,
-        )
+    what = ("tensors of one dtype and trailing shape" if isinstance(data[0], torch.Tensor)
+            else "dicts of tensors with the same keys, dtypes and trailing shapes")
+    warnings.warn(
+        f"data is a list of two {what}, read as ONE (inputs, targets) pair. If they are two batches of "
+        "inputs for a loss without targets, pass [(x1, None), (x2, None)]; to say it is a pair (and silence this), "
+        "pass a tuple (inputs, targets).",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def _random_sampler(loader: DataLoader) -> str | None:
@@ -160,7 +194,8 @@ def _random_sampler(loader: DataLoader) -> str | None:
     Raises:
         ValueError: For a random order whose dropped remainder changes from pass to pass.
     """
-    sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
+    batches = loader.batch_sampler
+    sampler = getattr(batches, "sampler", None) if batches is not None else loader.sampler
     if isinstance(sampler, WeightedRandomSampler):
         return "its WeightedRandomSampler draws samples at random, with replacement"
     if isinstance(sampler, RandomSampler):
@@ -171,8 +206,10 @@ def _random_sampler(loader: DataLoader) -> str | None:
                     f"{len(sampler.data_source)} samples")
     if not isinstance(sampler, (RandomSampler, SubsetRandomSampler)):
         return None
-    batch_size = loader.batch_size
-    if loader.drop_last and batch_size is not None and len(sampler) % batch_size:
+    # An explicit batch_sampler carries its own batch size and drop_last (the loader's are then None and False).
+    batch_size = getattr(batches, "batch_size", loader.batch_size)
+    drop_last = getattr(batches, "drop_last", loader.drop_last)
+    if drop_last and isinstance(batch_size, int) and batch_size > 0 and len(sampler) % batch_size:
         dropped = len(sampler) % batch_size
         raise ValueError(
             f"data is a shuffling DataLoader with drop_last=True: each pass drops a different {dropped} of its "
@@ -204,6 +241,7 @@ class Data:
         self.single = is_single_batch(data)
         self.random_order = False  # batches come in a random order (a shuffling loader): fine for sums only
         self.passes: int | None = None  # non-empty batches in the first complete pass
+        self._loader: DataLoader | None = None
         if self.single:
             _warn_if_ambiguous(data)
             self._source: Iterable[Any] = [data]
@@ -230,6 +268,7 @@ class Data:
             )
         self._source = data
         loader = data if isinstance(data, DataLoader) else getattr(data, "__wrapped__", None)  # or a wrapper's
+        self._loader = loader if isinstance(loader, DataLoader) else None
         self._sampling = _random_sampler(loader) if isinstance(loader, DataLoader) else None
         self.random_order = self._sampling == "order"
 
@@ -290,7 +329,8 @@ class Data:
                "transforms (evaluate augmentations once and keep the results).")
         if self._sampling not in (None, "order"):
             raise ValueError(f"data yields different samples on every pass: {self._sampling}. {fix}")
-        if self.random_order:
+        if self.random_order:  # the first batch differs by design: read one sample of the data set twice instead
+            self._check_fixed_samples(fix)
             return
         with torch.random.fork_rng(devices=[]):
             # Another state of the CPU generator (the one loaders and transforms draw from); fork_rng restores it.
@@ -310,6 +350,29 @@ class Data:
                 "data yields a different first batch on a second pass (random augmentation, a random batch "
                 f"sampler, or an iterable that continues where the last pass stopped). {fix}"
             )
+
+    def _check_fixed_samples(self, fix: str) -> None:
+        """Read the first sample of a shuffled loader's map-style data set twice, in two random states.
+
+        Raises:
+            ValueError: If the two reads differ (random augmentation in the data set).
+        """
+        dataset = self._loader.dataset if self._loader is not None else None
+        if not isinstance(dataset, torch.utils.data.Dataset) or isinstance(dataset, torch.utils.data.IterableDataset):
+            return
+        try:
+            if len(dataset) == 0:  # type: ignore[arg-type]
+                return
+        except TypeError:
+            return
+        reads = []
+        with torch.random.fork_rng(devices=[]):
+            for offset in (0x5EED, 0xD1CE):
+                torch.default_generator.manual_seed((torch.initial_seed() + offset) % 2**63)
+                reads.append(dataset[0])
+        if not _same_batches(*reads):
+            raise ValueError(f"data is a shuffling DataLoader whose data set gives a different sample 0 when read "
+                             f"twice (random augmentation). {fix}")
 
     def count_pass(self, batches: int) -> None:
         """Record the number of non-empty batches of a complete pass; refuse a pass that differs from the first.

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .._checks import no_graph_reason
+from .._modes import autograd_enabled, recordable
 
 __all__ = [
     "NormalizedLoss",
@@ -117,6 +118,26 @@ def reported_count(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"loss_fn.normalizer returned {value}; the count a mean divides by is finite and >= 0.")
     return float(value)
+
+
+# torch.nn losses whose reduction="mean" divides by the number of entries of the elementwise loss.
+_ENTRY_MEANS = (nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss, nn.SoftMarginLoss,
+                nn.PoissonNLLLoss, nn.HingeEmbeddingLoss)
+
+
+def averages_entries(loss_fn: Any) -> bool:
+    """Whether ``loss_fn`` is a ``torch.nn`` loss whose mean is over every entry (not over samples)."""
+    if isinstance(loss_fn, nn.KLDivLoss):
+        return loss_fn.reduction == "mean"
+    return isinstance(loss_fn, _ENTRY_MEANS)
+
+
+def known_count(loss_fn: Any) -> bool:
+    """Whether the count a mean divides by is known for ``loss_fn``: a reported normalizer or a ``torch.nn`` loss.
+
+    For any other callable the operators assume the batch size and check it where they can.
+    """
+    return has_normalizer(loss_fn) or averages_entries(loss_fn) or isinstance(loss_fn, (nn.NLLLoss, nn.KLDivLoss))
 
 
 def loss_kind(loss_fn: Callable[..., torch.Tensor]) -> Kind:
@@ -255,11 +276,14 @@ def mean_count(kind: Kind, loss_fn: Any, targets: Any, inputs: Any, outputs: tor
 
     MSE: the number of output entries (targets match the outputs' shape). CE: the number of non-ignored
     positions, or the sum of their class weights when ``weight=`` is set (as PyTorch defines it);
-    ``N * d1 * ...`` for probability targets. ``NLLLoss``: as CE. Any other loss: what its
-    ``normalizer(outputs, targets)`` method reports (:class:`NormalizedLoss`), else the batch size, which is
-    exact for losses that average over samples (or over a fixed number of entries per sample). A custom loss
-    that averages over a count that varies between batches (masked or padded targets) without reporting it
-    is caught by :func:`check_additive` on the batches the operator checks.
+    ``N * d1 * ...`` for probability targets. ``NLLLoss``: as CE. The other ``torch.nn`` losses that average
+    over every entry (``L1Loss``, ``SmoothL1Loss``, ``HuberLoss``, ``BCELoss``, ``BCEWithLogitsLoss``,
+    ``SoftMarginLoss``, ``PoissonNLLLoss``, ``HingeEmbeddingLoss``, ``KLDivLoss(reduction="mean")``): the
+    number of entries. Any other loss: what its ``normalizer(outputs, targets)`` method reports
+    (:class:`NormalizedLoss`), else the batch size, which is exact for losses that average over samples (or
+    over a fixed number of entries per sample). A custom loss that averages over a count that varies between
+    batches without reporting it is caught where it can be: within a batch by :func:`check_additive`, and
+    between batches by the operators, which refuse batches whose outputs have different shapes per sample.
 
     Args:
         kind: The loss kind.
@@ -275,6 +299,11 @@ def mean_count(kind: Kind, loss_fn: Any, targets: Any, inputs: Any, outputs: tor
 
     if kind == "other" and has_normalizer(loss_fn) and outputs is not None:
         return reported_count(loss_fn, outputs, targets)
+    if averages_entries(loss_fn):
+        shape = outputs.shape if outputs is not None else targets.shape
+        if isinstance(targets, torch.Tensor) and outputs is not None:
+            shape = torch.broadcast_shapes(outputs.shape, targets.shape)
+        return float(math.prod(shape))
     if kind == "mse":
         return float(targets.numel())
     if kind == "ce":
@@ -461,15 +490,18 @@ def check_additive(
     loss_fn: Callable[..., torch.Tensor], outputs: torch.Tensor, targets: Any, inputs: Any, reduction: Reduction,
     where: str,
 ) -> None:
-    r"""Check that a batch's loss is the weighted combination of the losses of its two halves.
+    r"""Check on one batch that the operator weights the loss as the loss itself does.
 
     The operators add batch curvatures with weights :math:`w_b` (for a mean: the count the loss divides by,
     :func:`mean_count`; for a sum: 1), which is exact when the loss of a union of batches is
     :math:`L_{a \cup b} = (w_a L_a + w_b L_b) / (w_a + w_b)` (for a sum: :math:`L_a + L_b`). Splitting one
-    batch in two halves tests that identity for the count in use: a callable that averages over tokens that
-    are not padding, weighted by sample counts, fails it as soon as the halves hold different numbers of
-    tokens; so does a loss that couples the samples of a batch (contrastive losses). Batches that cannot be
-    split by samples, or a loss that fails on a half, are not checked (their weighting is then assumed).
+    batch in two halves tests that identity, through the gradients in the outputs, which the curvature is made
+    of: :math:`w_{a \cup b} \nabla_{z_a} L_{a \cup b} = w_a \nabla_{z_a} L_a` for each half. A callable that
+    averages over tokens that are not padding, weighted by sample counts, fails it as soon as the halves hold
+    different numbers of tokens, by the ratio of the counts (whatever the loss values: near initialization
+    every token's loss is about the same, and a test on loss values alone passed a 15% error in float32); so
+    does a loss that couples the samples of a batch (contrastive losses). Batches that cannot be split by
+    samples, or a loss that cannot take half a batch, are not checked (their weighting is then assumed).
 
     Args:
         loss_fn: The callable loss.
@@ -485,40 +517,44 @@ def check_additive(
     from .data import split_batch
 
     n = outputs.shape[0] if outputs.ndim else 0
-    if n < 2:
+    if n < 2 or not outputs.is_floating_point():
         return
     half = n // 2
     split = [(split_batch(targets, a, b, n), split_batch(inputs, a, b, n)) for a, b in ((0, half), (half, n))]
     if not all(y_ok and x_ok for (y_ok, _), (x_ok, _) in split):
         return
-    halves = [(outputs[:half], split[0][0][1], split[0][1][1]), (outputs[half:], split[1][0][1], split[1][1][1])]
+    parts = [(outputs, targets, inputs), (outputs[:half], split[0][0][1], split[0][1][1]),
+             (outputs[half:], split[1][0][1], split[1][1][1])]
 
     def weight(z: torch.Tensor, y: Any, x: Any) -> float:  # the operator's own weighting (mean_count)
         return 1.0 if reduction == "sum" else mean_count("other", loss_fn, y, x, z)
 
-    with torch.no_grad():
-        try:
-            values = [float(loss_fn(z, y)) for z, y, _ in halves]
-            whole = float(loss_fn(outputs, targets))
-        except Exception:  # a loss that cannot take half a batch: nothing to compare
-            return
-    weights = [weight(*part) for part in halves]
-    whole_weight = weight(outputs, targets, inputs)
-    # A half whose count is 0 (every token ignored) has a loss of 0/0 and adds nothing.
-    combined = sum(v * w for v, w in zip(values, weights) if w)
-    scale = sum(abs(v * w) for v, w in zip(values, weights) if w)
-    if not (math.isfinite(combined) and math.isfinite(whole)):
-        return
-    tol = math.sqrt(torch.finfo(outputs.dtype).eps) if outputs.is_floating_point() else 1e-6
-    if abs(whole * whole_weight - combined) <= tol * scale + 1e-300:
+    weights = [weight(*part) for part in parts]
+    grads = []
+    with autograd_enabled():  # under inference mode too (the operator may be built there)
+        for (z, y, _), w in zip(parts, weights):
+            leaf = recordable(z.detach()).clone().requires_grad_(True)
+            try:
+                value = loss_fn(leaf, y)
+                (g,) = torch.autograd.grad(value, leaf, allow_unused=True)
+            except Exception:  # a loss that cannot take half a batch: nothing to compare
+                return
+            if g is None:
+                return
+            grads.append(torch.zeros_like(leaf) if w == 0 else g.detach() * w)  # a count of 0 adds nothing
+    whole = grads[0]
+    differs = float((whole[:half] - grads[1]).norm() + (whole[half:] - grads[2]).norm())
+    scale = float(grads[1].norm() + grads[2].norm())
+    if not math.isfinite(differs) or differs <= math.sqrt(torch.finfo(outputs.dtype).eps) * scale + 1e-300:
         return
     if reduction == "sum":
-        detail = (f"{where}: the loss of the batch ({whole:.6g}) is not the sum of the losses of its two halves "
-                  f"({values[0]:.6g} + {values[1]:.6g}), as reduction='sum' says")
+        detail = (f"{where}: the batch's loss is not the sum of the losses of its two halves (their gradients in the "
+                  "outputs differ), as reduction='sum' says")
     else:
         counted = "loss_fn.normalizer's counts" if has_normalizer(loss_fn) else "their numbers of samples"
-        detail = (f"{where}: the loss of the batch ({whole:.6g}) is not the mean of the losses of its two halves "
-                  f"({values[0]:.6g} and {values[1]:.6g}) weighted by {counted} ({weights[0]:g} and {weights[1]:g})")
+        detail = (f"{where}: the batch's loss is not the mean of the losses of its two halves weighted by {counted} "
+                  f"({weights[1]:g} and {weights[2]:g}; their gradients in the outputs differ by "
+                  f"{differs / max(scale, 1e-300):.2g} relative)")
     raise ValueError(
         f"{detail}, so the operator would weight batches of different composition wrongly (any batching must "
         "give the same curvature). A loss that averages over something other than samples (tokens that are not "
