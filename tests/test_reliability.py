@@ -310,23 +310,28 @@ def test_shuffled_loader_without_a_remainder_is_exact(kind: str) -> None:
     assert rel_err(op.to_dense(), reference(kind, "loader_uneven_ce_mean")) <= 1e-10
 
 
+class Augmented(torch.utils.data.Dataset):
+    """A data set with a random transform: noise added to every input at every read."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        return x + 0.01 * torch.randn_like(x), y
+
+
 def test_random_samplers_and_augmentation_are_refused() -> None:
     model, loss_fn, loader = _loader_case()
     dataset = loader.dataset
     with pytest.raises(ValueError, match="with replacement"):
         curvature.HessianOperator(model, loss_fn, DataLoader(dataset, batch_size=7,
                                                              sampler=RandomSampler(dataset, replacement=True)))
-
-    class Augmented(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(dataset)
-
-        def __getitem__(self, i: int):
-            x, y = dataset[i]
-            return x + 0.01 * torch.randn_like(x), y
-
     with pytest.raises(ValueError, match="different first batch"):
-        curvature.HessianOperator(model, loss_fn, DataLoader(Augmented(), batch_size=7))
+        curvature.HessianOperator(model, loss_fn, DataLoader(Augmented(dataset), batch_size=7))
     with pytest.raises(ValueError, match="shuffle=False"):
         curvature.FisherOperator(model, loss_fn, DataLoader(dataset, batch_size=6, shuffle=True), mc_samples=2)
 
@@ -334,18 +339,8 @@ def test_random_samplers_and_augmentation_are_refused() -> None:
 def test_shuffled_loader_with_random_augmentation_is_refused() -> None:
     """The usual training loader: shuffled, with a random transform. Two products of one vector differed by 21%."""
     model, loss_fn, loader = _loader_case()
-    dataset = loader.dataset
-
-    class Augmented(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(dataset)
-
-        def __getitem__(self, i: int):
-            x, y = dataset[i]
-            return x + 0.01 * torch.randn_like(x), y
-
     with pytest.raises(ValueError, match="different sample 0 when read twice"):
-        curvature.HessianOperator(model, loss_fn, DataLoader(Augmented(), batch_size=7, shuffle=True))
+        curvature.HessianOperator(model, loss_fn, DataLoader(Augmented(loader.dataset), batch_size=7, shuffle=True))
 
 
 def test_batch_samplers() -> None:
