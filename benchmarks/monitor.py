@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see README
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
@@ -52,7 +53,8 @@ def main() -> None:
     for _ in range(args.steps):
         entries = [monitor.step() for monitor in monitors.values()]  # round-robin on the same parameters
         if entries[0] is not None:
-            H = curvature.HessianOperator(model, half_mse, (x, y), reduction="mean")
+            exact = copy.deepcopy(model).double()  # the truth in float64: float32 certifies ~1e-5 only
+            H = curvature.HessianOperator(exact, half_mse, (x.double(), y.double()), reduction="mean")
             truth.append(float(curvature.eigenvalues(H, tol=1e-10, generator=torch.Generator().manual_seed(1))
                                .values[0]))
         optimizer.zero_grad()
@@ -60,12 +62,14 @@ def main() -> None:
         optimizer.step()
     print(f"\nedge-of-stability run: {args.steps} steps of gradient descent, eta={ETA}, lambda_max every {args.every} "
           f"steps ({len(truth)} measurements)")
-    print(f"{'monitor':30s}{'products':>10s}{'per measurement':>17s}{'seconds':>9s}{'max rel. deviation':>20s}")
+    print(f"{'monitor':30s}{'products':>10s}{'per measurement':>17s}{'seconds':>9s}{'max rel. deviation':>20s}"
+          f"{'beyond tol':>12s}")
     for name, monitor in monitors.items():
-        deviation = max(abs(e["lambda_max"] / t - 1) for e, t in zip(monitor.history, truth))
+        deviations = [abs(e["lambda_max"] / t - 1) for e, t in zip(monitor.history, truth)]
         seconds = sum(e["seconds"] for e in monitor.history)
+        beyond = sum(d > monitor.tol for d in deviations)
         print(f"{name:30s}{monitor.total_matvecs:10d}{monitor.total_matvecs / len(truth):17.1f}{seconds:9.2f}"
-              f"{deviation:20.1e}")
+              f"{max(deviations):20.1e}{beyond:12d}")
     totals = [m.total_matvecs for m in monitors.values()]
     print(f"recomputing costs {totals[1] / totals[0]:.1f}x the products of the warm-started monitor at tol=1e-4 "
           f"(the default) and {totals[3] / totals[2]:.1f}x at tol=1e-3")
