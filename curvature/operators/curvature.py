@@ -252,7 +252,7 @@ class CurvatureOperator(LinearOperator):
             ``ProcessGroup``. Each rank passes its own shard as ``data`` (a loader with a
             ``DistributedSampler`` or any per-rank iterable; a rank's shard may be empty) and the operator
             is the curvature of the loss over the union of the shards: each product all-reduces the
-            ranks' weighted partial products once (:class:`~curvature.operators.data.ShardReduction`).
+            ranks' weighted partial products once (``ShardReduction``).
             Every rank must build the operator and multiply the same vectors together, as with any
             collective; estimators then need identically seeded generators on every rank. A
             ``DistributedSampler`` pads shards with repeated samples unless ``drop_last=True`` or the data
