@@ -14,6 +14,7 @@ from ._checks import check_generator
 
 __all__ = ["DISTRIBUTIONS", "check_distribution", "gaussian", "probes", "rademacher", "resolve_generator"]
 
+#: The probe distributions the stochastic estimators accept.
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
 

@@ -1,4 +1,4 @@
-"""The examples run end to end (slow: CI runs them in its second pass) and the docs are current."""
+"""The examples run end to end (slow: CI runs them in its second pass), and so does the guide's quick start."""
 
 from __future__ import annotations
 
@@ -85,10 +85,3 @@ def test_quick_start_of_the_user_guide_runs() -> None:
     result = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Sharpness report: hessian, P = 227" in result.stdout
-
-
-def test_api_reference_is_current() -> None:
-    result = subprocess.run(
-        [sys.executable, "-W", "error", str(ROOT / "docs" / "build_api.py"), "--check"], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout + result.stderr + "\nrun: python docs/build_api.py"

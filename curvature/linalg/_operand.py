@@ -51,7 +51,7 @@ WORK_NOISE = 100.0
 class PrecisionWarning(RuntimeWarning):
     """The tolerance asked for is below what the products' precision can certify; the result says not converged.
 
-    Emitted by :func:`~curvature.linalg.eigen.eigenvalues` and :func:`~curvature.linalg.solve.solve` with a
+    Emitted by :func:`~curvature.eigenvalues` and :func:`~curvature.solve` with a
     message that names the dtype and the achievable tolerance. A ``RuntimeWarning``, so existing filters catch
     it; filter this class alone to silence just it (the optimizers do, for their inexact inner solves, whose
     ``converged`` flags they report).

@@ -161,13 +161,13 @@ def spectral_density(
     the run stops once every probe is finished (at most twice the products a low-rank operator needs);
     ``num_matvecs`` counts the products that entered the quadrature, ``n_v`` times the steps each probe took.
 
-    Precision: as in :func:`~curvature.linalg.lanczos.lanczos`, the Lanczos vectors live in the working
+    Precision: as in :func:`~curvature.lanczos`, the Lanczos vectors live in the working
     precision (at least float32) and a probe's Krylov space counts as invariant when ``β`` falls to the rounding
     level of the products (``8 u ‖T‖`` in float16 and bfloat16, ``100 ε ‖T‖`` otherwise).
 
     Args:
         op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device`` (a dense tensor must be
-            symmetric to rounding, :func:`~curvature.linalg._operand.check_symmetric`; an operator flagged
+            symmetric to rounding, ``check_symmetric``; an operator flagged
             ``is_symmetric=False`` is refused).
         num_probes: The number of probe vectors ``n_v``.
         num_steps: Lanczos steps per probe ``m`` (capped at ``P``).

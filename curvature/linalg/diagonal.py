@@ -52,7 +52,7 @@ def diagonal(
       (``1000 I`` plus small off-diagonal noise: relative error 0.17 against Hutchinson's 1.5e-6 at 40
       products), where its low-rank part only adds noise; hence not the default.
     - ``"exact"``: ``e_jᵀ A e_j`` for every ``j``, ``P`` products (small models, references). XDiag
-      switches to it when ``num_matvecs ≥ P``, as :func:`~curvature.linalg.trace.trace` does.
+      switches to it when ``num_matvecs ≥ P``, as :func:`~curvature.trace` does.
 
     The standard error is per entry: the standard deviation of the per-probe estimates over ``√(number of
     estimates)``. For Hutchinson it is the usual sample standard error. XDiag's ``n`` leave-one-out estimates

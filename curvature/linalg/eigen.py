@@ -101,7 +101,7 @@ def eigenvalues(
 
     **Rounding.** The products are only as exact as the operator's dtype, and the recurrence's residuals fall
     far below their rounding, so the bound counts it: with ``η = max(8 u, 100 ε_w) ‖A‖``
-    (:meth:`~curvature.linalg._operand.Operand.noise`: ``u`` the unit roundoff of the operator's dtype,
+    (``Operand.noise``: ``u`` the unit roundoff of the operator's dtype,
     ``ε_w`` the machine epsilon of the working precision, ``‖A‖`` estimated by the largest ``|θ|`` and ``β``),
     or 4 times the largest antisymmetric part of the computed projections ``Qᵀ A Q`` when that is larger (an
     operator noisier than its dtype, e.g. one that resamples at every product), and ``ρ_i = r_i + η``,
@@ -113,7 +113,7 @@ def eigenvalues(
 
     In float64 and float32 ``η`` is ``100 ε ‖A‖``, the rounding level used before; in float16 and bfloat16 it
     is ``8 u ‖A‖`` (0.4% and 3% of ``‖A‖``), whatever the working precision: the estimator works in float32
-    (basis, reorthogonalization, Ritz values; :class:`~curvature.linalg._operand.Operand`), so the products are
+    (basis, reorthogonalization, Ritz values; ``Operand``), so the products are
     its only limit. Once a residual is below ``max(u, 100 ε_w) ‖A‖`` more steps cannot lower its bound: when
     every wanted pair has met ``tol`` or reached that level, the method stops. A pair that reached it without
     meeting ``tol`` had a ``tol · |θ_i|`` below what the products can certify: the result has
@@ -174,7 +174,7 @@ def eigenvalues(
     Args:
         op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device``: a curvature operator
             (refused if flagged ``is_symmetric=False``), a dense tensor (refused unless symmetric to rounding,
-            :func:`~curvature.linalg._operand.check_symmetric`), or any object with ``@`` (trusted).
+            ``check_symmetric``), or any object with ``@`` (trusted).
         k: The number of eigenpairs.
         which: ``"largest"`` (algebraic), ``"smallest"`` (algebraic) or ``"magnitude"`` (largest ``|λ|``).
         tol: The relative error of each eigenvalue, ``error_bounds[i] ≤ tol · |values[i]|``.

@@ -72,11 +72,11 @@ def lanczos(
     ``A`` seen from ``v0`` (the basis of stochastic Lanczos quadrature, Golub & Meurant 2010). The
     process ends early when ``β`` vanishes (the Krylov space is invariant, so every Ritz value is an exact
     eigenvalue): when ``β ≤ η``, the rounding level of the products, ``η = max(8 u, 100 ε_w) ‖T‖``
-    (:meth:`~curvature.linalg._operand.Operand.noise`; ``u`` the unit roundoff of the operator's dtype,
+    (``Operand.noise``; ``u`` the unit roundoff of the operator's dtype,
     ``ε_w`` the machine epsilon of the working precision).
 
     Precision: the basis, the reorthogonalization and the coefficients are computed in the working precision,
-    at least float32 (:class:`~curvature.linalg._operand.Operand`); only the products run in the operator's
+    at least float32 (``Operand``); only the products run in the operator's
     dtype. For a float16 or bfloat16 operator the invariant-subspace test is therefore ``β ≤ 8 u ‖T‖``, what
     the products can resolve (it was ``100 ε`` of the half dtype, 0.8 ``‖T‖`` in bfloat16: every process
     "ended" after one step), and the Ritz values are as exact as the products (within ``2 u ‖A‖`` of the
@@ -93,7 +93,7 @@ def lanczos(
     Args:
         op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device``: a curvature operator
             (refused if flagged ``is_symmetric=False``), a dense tensor (refused unless symmetric to rounding,
-            :func:`~curvature.linalg._operand.check_symmetric`), or any object with ``@`` (trusted).
+            ``check_symmetric``), or any object with ``@`` (trusted).
         num_steps: The largest number of steps ``m``; at most ``P``.
         v0: The start vector ``(P,)``; None draws a Gaussian one from ``generator``.
         generator: The source of the random start vector; None draws from a copy of torch's global generator

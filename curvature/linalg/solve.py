@@ -114,7 +114,7 @@ def solve(
 
     * On a Lanczos breakdown (:math:`\beta_{k+1} \le 100\, \varepsilon \|A\|`, with :math:`\|A\|` estimated from
       :math:`\bar T_k`: the Krylov space is invariant to working precision; ``8 u ‖A‖`` for half-precision
-      products, :meth:`~curvature.linalg._operand.Operand.noise`), with the exact minimizer over that space.
+      products, ``Operand.noise``), with the exact minimizer over that space.
     * At a least-squares solution: when :math:`\|A r_k\| \le \sqrt{\varepsilon}\, \|A\| \|r_k\|`, with
       :math:`\|A r_k\| = \|r_k\| \sqrt{\bar\gamma_{k+1}^2 + c_k^2 \beta_{k+2}^2}` from the recurrence (Choi,
       Paige & Saunders 2011, "MINRES-QLP: a Krylov subspace method for indefinite or singular symmetric
@@ -161,7 +161,7 @@ def solve(
     curvature operator, and a dense half-precision tensor), so it is the residual of the returned ``x``
     (rounded to the operator's dtype) against the exact operator, to float32 rounding; without one, it is itself
     off by up to :math:`\eta = 8 u \|A\| \|x\|` (``u`` the unit roundoff of float16 or bfloat16, the constant
-    measured as for :func:`~curvature.linalg.eigen.eigenvalues`), and ``converged`` needs
+    measured as for :func:`~curvature.eigenvalues`), and ``converged`` needs
     :math:`\|b - A x\| + \eta \le \mathrm{tol}\, \|b\|`. When the recurrence met ``tol`` but the fresh
     residual does not, ``tol`` is below what the products can certify: a
     :class:`~curvature.linalg._operand.PrecisionWarning` (a ``RuntimeWarning``) names the dtype and the
@@ -200,7 +200,7 @@ def solve(
         ValueError: If ``method`` is unknown, ``tol`` is not positive and finite, ``max_iter`` is below 1,
             ``b`` or ``x0`` have the wrong shape or device or are not finite, ``op`` is not symmetric (flagged
             ``is_symmetric=False``, or a dense tensor that is not symmetric to rounding,
-            :func:`~curvature.linalg._operand.check_symmetric`), or CG is asked to solve with an operator not
+            ``check_symmetric``), or CG is asked to solve with an operator not
             known to be PSD.
 
     Warns:

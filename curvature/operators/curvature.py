@@ -40,8 +40,8 @@ from .distributed import ShardReduction, all_reduce_product, resolve_process_gro
 from .graph_cache import GraphCache
 from .guards import (
     OUT_OF_MEMORY,
-    ModelTracking,
     ParamsArg,
+    _ModelTracking,
     batch_error,
     check_deterministic,
     constant,
@@ -50,12 +50,12 @@ from .guards import (
     tensor_slots,
 )
 from .losses import loss_kind, mean_count, resolve_reduction
-from .validation import BatchValidation
+from .validation import _BatchValidation
 
 __all__ = ["CurvatureOperator", "require_graph", "select_parameters"]
 
 
-class CurvatureOperator(ModelTracking, BatchValidation, LinearOperator):
+class CurvatureOperator(_ModelTracking, _BatchValidation, LinearOperator):
     """Base class for curvature operators of ``loss_fn(model(inputs), targets)`` over ``data``.
 
     The operator acts on flat vectors over the selected parameters, concatenated in
@@ -82,7 +82,7 @@ class CurvatureOperator(ModelTracking, BatchValidation, LinearOperator):
             ``ProcessGroup``. Each rank passes its own shard as ``data`` (a loader with a
             ``DistributedSampler`` or any per-rank iterable; a rank's shard may be empty) and the operator
             is the curvature of the loss over the union of the shards: each product all-reduces the
-            ranks' weighted partial products once (:class:`~curvature.operators.distributed.ShardReduction`).
+            ranks' weighted partial products once (``ShardReduction``).
             Every rank must build the operator and multiply the same vectors together, as with any
             collective; estimators then need identically seeded generators on every rank. A
             ``DistributedSampler`` pads shards with repeated samples unless ``drop_last=True`` or the data

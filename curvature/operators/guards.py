@@ -3,7 +3,7 @@
 Everything here protects the rule that computing curvature never changes the model and never returns a number
 for a model it does not describe: parameter selection (:func:`select_parameters`), refusal of random or
 batch-dependent layers (:func:`check_deterministic`, :func:`check_batch_statistics`), tensors without a graph
-(:func:`require_graph`), errors that name their batch (:func:`batch_error`), and :class:`ModelTracking`, the part
+(:func:`require_graph`), errors that name their batch (:func:`batch_error`), and ``_ModelTracking``, the part
 of :class:`~curvature.operators.curvature.CurvatureOperator` that follows the model between products (replaced
 tensors, mode switches, in-place writes) and keeps the global RNG as it was.
 """
@@ -22,7 +22,6 @@ from .._checks import common_dtype_device, no_graph_reason
 from .._modes import recordable
 
 __all__ = [
-    "ModelTracking",
     "batch_error",
     "check_batch_statistics",
     "check_deterministic",
@@ -207,7 +206,7 @@ def rng_state(device: torch.device) -> list[torch.Tensor]:
     return states
 
 
-class ModelTracking:
+class _ModelTracking:
     """Following the model between products: replaced tensors, mode switches, in-place writes, the global RNG.
 
     A mixin of :class:`~curvature.operators.curvature.CurvatureOperator`: it uses the operator's ``model``,

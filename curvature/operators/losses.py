@@ -50,8 +50,8 @@ class NormalizedLoss:
     callable it is assumed to be the number of samples, which is wrong for a loss that averages over a count
     that varies between batches, such as a language-model cross-entropy over the tokens that are not padding:
 
-    .. math:: L_b = rac{1}{C_b} \sum_{t \in b} \ell_t, \qquad
-              L = rac{\sum_b C_b L_b}{\sum_b C_b} \quad (	ext{not } 	frac{\sum_b N_b L_b}{\sum_b N_b}).
+    .. math:: L_b = \frac{1}{C_b} \sum_{t \in b} \ell_t, \qquad
+              L = \frac{\sum_b C_b L_b}{\sum_b C_b} \quad (\text{not } \tfrac{\sum_b N_b L_b}{\sum_b N_b}).
 
     Wrapping the callable with its count ``C_b`` makes every batching exact. Any callable that has a
     ``normalizer(outputs, targets)`` method is read the same way; this class adds one to a plain function.

@@ -1,6 +1,6 @@
 """The checks that run before and during products: the first batch, the batching, each later batch, each vector.
 
-:class:`BatchValidation` is the part of :class:`~curvature.operators.curvature.CurvatureOperator` that refuses,
+:class:`_BatchValidation` is the part of :class:`~curvature.operators.curvature.CurvatureOperator` that refuses,
 before any real work, a model or loss whose curvature would be random, undefined or dependent on how the data is
 batched (docs/reliability.md lists every case), agrees on the outcome across the ranks of a process group, and
 checks each later batch and each vector as the products reach them.
@@ -19,10 +19,10 @@ from .data import batch_size, split_batch
 from .guards import batch_error, check_batch_statistics, rng_state
 from .losses import check_additive, check_targets, infer_reduction, known_count
 
-__all__ = ["BatchValidation"]
+__all__: list[str] = []  # the mixin _BatchValidation is the operator base class's own
 
 
-class BatchValidation:
+class _BatchValidation:
     """Validation of the model, the loss and the data, before and during products.
 
     A mixin of :class:`~curvature.operators.curvature.CurvatureOperator`: it uses the operator's model, loss,
