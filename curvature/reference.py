@@ -25,7 +25,7 @@ from torch.func import functional_call, grad, vjp
 from .operators.curvature import select_parameters
 from .operators.data import Data, to_device
 
-__all__ = ["empirical_fisher", "fisher", "ggn", "hessian_matrix"]
+__all__ = ["REFERENCES", "empirical_fisher", "fisher", "ggn", "hessian_matrix"]
 
 
 def _cat(parts: list[Any]) -> Any:
@@ -189,3 +189,13 @@ def empirical_fisher(
     grads = _jacobian(s.per_sample_losses, s.theta)
     scale = 1.0 / grads.shape[0] if reduction == "mean" else 1.0
     return scale * grads.T @ grads
+
+
+#: The dense reference of each registered curvature operator, by its name
+#: (:data:`curvature.operators.registry.OPERATORS`); a test checks that every operator has one.
+REFERENCES: dict[str, Callable[..., torch.Tensor]] = {
+    "hessian": hessian_matrix,
+    "ggn": ggn,
+    "fisher": fisher,
+    "empirical_fisher": empirical_fisher,
+}

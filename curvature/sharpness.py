@@ -21,19 +21,12 @@ from .linalg.eigen import eigenvalues
 from .linalg.trace import MIN_MATVECS, TRACE_METHODS, Estimate, frobenius_norm, trace
 from .operators.base import LinearOperator
 from .operators.curvature import CurvatureOperator
-from .operators.ggn import EmpiricalFisherOperator, FisherOperator, GGNOperator
-from .operators.hessian import HessianOperator
+from .operators.registry import OPERATORS, operator_class  # noqa: F401 (OPERATORS: read here by the command)
 from .sampling import resolve_generator
 
 __all__ = ["METRICS", "MONITOR_METRICS", "SharpnessMonitor", "SharpnessReport", "sharpness"]
 
 METRICS = ("lambda_max", "top_k", "lambda_min", "trace", "frobenius_norm", "density")
-OPERATORS: dict[str, Callable[..., CurvatureOperator]] = {
-    "hessian": HessianOperator,
-    "ggn": GGNOperator,
-    "fisher": FisherOperator,
-    "empirical_fisher": EmpiricalFisherOperator,
-}
 
 
 @dataclass(frozen=True)
@@ -229,8 +222,7 @@ def sharpness(
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ValueError(f"metrics must be a non-empty selection of {METRICS}, got {metrics!r}.")
-    if operator not in OPERATORS:
-        raise ValueError(f"operator must be one of {tuple(OPERATORS)}, got {operator!r}.")
+    operator_class(operator)  # a clear error for an unknown name, before any work
     if trace_method not in TRACE_METHODS:
         raise ValueError(f"trace_method must be one of {TRACE_METHODS}, got {trace_method!r}.")
     if check_scalar(tol, "tol") <= 0:
@@ -245,7 +237,7 @@ def sharpness(
     generator = resolve_generator(generator)
     if operator == "fisher" and operator_kwargs.get("mc_samples") is not None:
         operator_kwargs = {"generator": generator, **operator_kwargs}  # the Monte-Carlo labels too
-    op = OPERATORS[operator](model, loss_fn, data, params=params, **operator_kwargs)
+    op = operator_class(operator)(model, loss_fn, data, params=params, **operator_kwargs)
     if op.process_group is not None and torch.distributed.get_rank(op.process_group) != 0:
         quiet = True  # one progress bar for a job over several processes: rank 0's
 
@@ -388,8 +380,7 @@ class SharpnessMonitor:
         self.metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         if not self.metrics or any(m not in MONITOR_METRICS for m in self.metrics):
             raise ValueError(f"metrics must be a non-empty selection of {MONITOR_METRICS}, got {self.metrics!r}.")
-        if operator not in OPERATORS:
-            raise ValueError(f"operator must be one of {tuple(OPERATORS)}, got {operator!r}.")
+        operator_class(operator)  # a clear error for an unknown name, before any work
         self.every = check_count(every, "every")
         self.tol = check_scalar(tol, "tol")
         if self.tol <= 0:
@@ -414,7 +405,7 @@ class SharpnessMonitor:
     def _build_operator(self) -> CurvatureOperator:
         """Build the curvature operator, in eval mode with ``eval_mode=True`` (every module's flag restored)."""
         with eval_mode(self.model, enabled=self.eval_mode):
-            return OPERATORS[self.operator](self.model, self.loss_fn, self.data, **self.operator_kwargs)
+            return operator_class(self.operator)(self.model, self.loss_fn, self.data, **self.operator_kwargs)
 
     def _operator(self) -> CurvatureOperator:
         """The operator built at construction, or a new one if the parameters moved to another device or dtype."""

@@ -13,12 +13,8 @@ from torch.overrides import TorchFunctionMode
 
 import curvature
 
-OPERATORS = {
-    "hessian": (curvature.HessianOperator, curvature.reference.hessian_matrix),
-    "ggn": (curvature.GGNOperator, curvature.reference.ggn),
-    "fisher": (curvature.FisherOperator, curvature.reference.fisher),
-    "empirical_fisher": (curvature.EmpiricalFisherOperator, curvature.reference.empirical_fisher),
-}
+# Every registered operator with its dense reference: the two registries the library keeps.
+OPERATORS = {name: (cls, curvature.reference.REFERENCES[name]) for name, cls in curvature.operators.OPERATORS.items()}
 
 
 @functools.cache

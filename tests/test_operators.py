@@ -8,6 +8,7 @@ import torch
 from cases import make_case
 from helpers import OPERATORS, assert_unchanged, operator_cases, reference, rel_err, snapshot
 
+import curvature
 import curvature.reference as curvature_reference
 from curvature import GGNOperator, HessianOperator
 
@@ -294,3 +295,11 @@ def test_higher_precision_view_of_a_half_precision_operator(kind: str, case_name
 def test_higher_precision_needs_a_loss_without_half_precision_tensors() -> None:
     case = make_case("ce_weighted_mean", torch.bfloat16)  # CrossEntropyLoss(weight=...) in bfloat16
     assert GGNOperator(case["model"], case["loss_fn"], case["data"]).higher_precision() is None
+
+
+def test_every_registered_operator_has_its_name_title_and_dense_reference() -> None:
+    assert set(curvature.operators.OPERATORS) == set(curvature.reference.REFERENCES)
+    for name, cls in curvature.operators.OPERATORS.items():
+        assert cls.name == name and cls.title and issubclass(cls, curvature.CurvatureOperator)
+    with pytest.raises(ValueError, match=r"operator must be one of \('hessian', 'ggn', 'fisher', 'empirical_fisher'\)"):
+        curvature.operators.operator_class("kfac")

@@ -5,6 +5,7 @@ from .curvature import CurvatureOperator
 from .ggn import EmpiricalFisherOperator, FisherOperator, GGNOperator
 from .hessian import HessianOperator
 from .losses import NormalizedLoss
+from .registry import OPERATORS, operator_class
 
 __all__ = [
     "CurvatureOperator",
@@ -15,5 +16,7 @@ __all__ = [
     "IdentityOperator",
     "LinearOperator",
     "NormalizedLoss",
+    "OPERATORS",
     "identity_like",
+    "operator_class",
 ]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 from abc import abstractmethod
 from collections.abc import Iterable
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -175,6 +175,11 @@ class CurvatureOperator(_ModelTracking, _BatchValidation, LinearOperator):
         self._graphs = GraphCache()
         self._validate()
 
+
+    #: The operator's name in the registry (``operator="..."`` in :func:`curvature.sharpness`, the monitor and
+    #: the command) and its title in plots and reports; see :mod:`curvature.operators.registry`.
+    name: ClassVar[str]
+    title: ClassVar[str]
 
     # -- hooks for subclasses ----------------------------------------------------------------------
     def _check_loss_supported(self) -> None:

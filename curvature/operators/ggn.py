@@ -110,6 +110,9 @@ class GGNOperator(_JacobianSandwich):
         (True, (8, 8))
     """
 
+    name = "ggn"
+    title = "GGN"
+
     def _known_psd(self) -> bool:
         return self._kind != "other"
 
@@ -164,6 +167,9 @@ class FisherOperator(GGNOperator):
         >>> F.shape
         (8, 8)
     """
+
+    name = "fisher"
+    title = "Fisher"
 
     def __init__(
         self,
@@ -242,6 +248,9 @@ class EmpiricalFisherOperator(_JacobianSandwich):
         >>> E.shape
         (4, 4)
     """
+
+    name = "empirical_fisher"
+    title = "Empirical Fisher"
 
     def _output(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         return per_sample_losses(self._kind, self.loss_fn, outputs, targets, self.reduction)

@@ -35,6 +35,9 @@ class HessianOperator(CurvatureOperator):
         (4, 4)
     """
 
+    name = "hessian"
+    title = "Hessian"
+
     def _prepare(self, leaves: list[torch.Tensor], outputs: torch.Tensor, targets: Any, index: int) -> Any:
         loss = self._loss(outputs, targets, index)
         require_graph(loss, "the loss", outputs)

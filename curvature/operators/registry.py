@@ -1,0 +1,42 @@
+"""The one list of curvature operators: what the report, the monitor, the command and the tests offer.
+
+Each operator class declares its ``name`` (the string users pass, e.g. ``operator="ggn"``) and its ``title`` (for
+plots and reports); :data:`OPERATORS` maps names to classes. Adding an operator: its module, one entry here, its
+dense reference in :mod:`curvature.reference` (``REFERENCES``), a section of the operators guide and the test
+parametrization, which reads both registries.
+"""
+
+from __future__ import annotations
+
+from .curvature import CurvatureOperator
+from .ggn import EmpiricalFisherOperator, FisherOperator, GGNOperator
+from .hessian import HessianOperator
+
+__all__ = ["OPERATORS", "operator_class"]
+
+#: Every curvature operator by its ``name``, in the order the documentation lists them.
+OPERATORS: dict[str, type[CurvatureOperator]] = {
+    cls.name: cls for cls in (HessianOperator, GGNOperator, FisherOperator, EmpiricalFisherOperator)
+}
+
+
+def operator_class(name: str, argument: str = "operator") -> type[CurvatureOperator]:
+    """The curvature operator registered under ``name``.
+
+    Args:
+        name: An operator's name, e.g. ``"hessian"`` or ``"ggn"``.
+        argument: The argument's name, for the message.
+
+    Returns:
+        Its class.
+
+    Raises:
+        ValueError: If no operator has that name; the message lists those that do.
+
+    Example:
+        >>> operator_class("ggn").title
+        'GGN'
+    """
+    if not isinstance(name, str) or name not in OPERATORS:
+        raise ValueError(f"{argument} must be one of {tuple(OPERATORS)}, got {name!r}.")
+    return OPERATORS[name]
