@@ -145,14 +145,15 @@ def ggn(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: Any, param
 
 
 def fisher(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: Any, params: Any = None) -> torch.Tensor:
-    r"""Dense exact Fisher of the likelihood behind ``MSELoss`` / ``CrossEntropyLoss``, in float64.
+    r"""Dense exact Fisher of the likelihood behind ``MSELoss`` / ``CrossEntropyLoss`` / ``BCEWithLogitsLoss``.
 
-    For these exponential-family likelihoods the Fisher equals the GGN (Martens 2020, arXiv:1412.1193,
-    Sec. 9), so this is :func:`ggn`.
+    For these exponential-family likelihoods (Gaussian, categorical, Bernoulli, with the outputs as natural
+    parameters) the Fisher equals the GGN (Martens 2020, arXiv:1412.1193, Sec. 9), so this is :func:`ggn`, in
+    float64. For ``BCEWithLogitsLoss`` both are :math:`\sigma(z)(1 - \sigma(z))` per entry, whatever the targets.
 
     Args:
         model: The model.
-        loss_fn: ``MSELoss`` or ``CrossEntropyLoss``.
+        loss_fn: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss`` (without weights).
         data: One batch or an iterable of batches.
         params: None or an iterable of parameters or names.
 

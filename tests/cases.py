@@ -224,10 +224,26 @@ def mse_nd_outputs_mean(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def bce_1d_logits_mean(dtype: torch.dtype) -> dict[str, Any]:
-    """Binary classification with ``(N,)`` logits and ``BCEWithLogitsLoss``: a torch loss with no closed form here."""
+    """Binary classification with ``(N,)`` logits and ``BCEWithLogitsLoss``: a Bernoulli likelihood per sample."""
     model = nn.Sequential(*_mlp([4, 5, 1]), Squeeze())
     x, y = torch.randn(18, 4), torch.randint(0, 2, (18,)).float()
-    return dict(model=model, loss_fn=nn.BCEWithLogitsLoss(), data=_split(x, y, [8, 6, 4]), likelihood=False)
+    return dict(model=model, loss_fn=nn.BCEWithLogitsLoss(), data=_split(x, y, [8, 6, 4]))
+
+
+def bce_2d_logits_sum(dtype: torch.dtype) -> dict[str, Any]:
+    """Multi-label classification with ``(N, C)`` logits, summed ``BCEWithLogitsLoss``, over an uneven loader."""
+    model = _mlp([4, 6, 3])
+    x, y = torch.randn(19, 4), torch.randint(0, 2, (19, 3)).float()
+    return dict(model=model, loss_fn=nn.BCEWithLogitsLoss(reduction="sum"),
+                data=DataLoader(TensorDataset(x, y), batch_size=8))
+
+
+def bce_weighted_soft_mean(dtype: torch.dtype) -> dict[str, Any]:
+    """``(N, C)`` logits, soft targets, per-class ``weight`` and ``pos_weight``: a closed-form GGN, no likelihood."""
+    model = _mlp([4, 6, 3])
+    x, y = torch.randn(17, 4), torch.rand(17, 3)
+    loss_fn = nn.BCEWithLogitsLoss(weight=torch.tensor([0.5, 1.0, 2.0]), pos_weight=torch.tensor([3.0, 0.5, 1.0]))
+    return dict(model=model, loss_fn=loss_fn, data=_split(x, y, [7, 7, 3]), likelihood=False)
 
 
 def lm_shifted_tokens_mean(dtype: torch.dtype) -> dict[str, Any]:
@@ -251,7 +267,7 @@ FACTORIES: dict[str, Callable[[torch.dtype], dict[str, Any]]] = {
         batchnorm_eval_mse_mean, embedding_ce_mean, loader_uneven_ce_mean, loader_uneven_mse_mean,
         ce_nd_logits_sum, ce_nd_ignore_index_mean, ce_weighted_mean, ce_soft_targets_smoothed_mean,
         tied_dict_inputs_ce_sum, generic_loss_mean, mse_1d_outputs_mean, mse_nd_outputs_mean, bce_1d_logits_mean,
-        lm_shifted_tokens_mean,
+        bce_2d_logits_sum, bce_weighted_soft_mean, lm_shifted_tokens_mean,
     ]
 }
 

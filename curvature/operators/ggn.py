@@ -6,7 +6,7 @@ per-batch output :math:`z_b(\theta)` and :math:`\Lambda_b` a small PSD matrix in
 ==========================  ===========================  ==================================================
 operator                    :math:`z`                    :math:`\Lambda`
 ==========================  ===========================  ==================================================
-:class:`GGNOperator`        model outputs                :math:`\nabla^2_z L` (closed form for MSE / CE)
+:class:`GGNOperator`        model outputs                :math:`\nabla^2_z L` (closed form for MSE/CE/BCE)
 :class:`FisherOperator`     model outputs                :math:`\mathbb E_{\hat y \sim p(\cdot|z)}[g g^\top]`
                                                          (exact, or a Monte-Carlo average)
 :class:`EmpiricalFisherOp.` per-sample losses            :math:`c\, I` (1/N for a mean loss)
@@ -31,11 +31,9 @@ from .._checks import check_generator
 from .._func import model_outputs, vjp_columns
 from .curvature import CurvatureOperator, require_graph
 from .data import batch_size
-from .losses import output_hessian, per_sample_losses, sampled_output_gradients
+from .losses import Loss, OutputMatrix, loss_for
 
 __all__ = ["EmpiricalFisherOperator", "FisherOperator", "GGNOperator"]
-
-OutputMatrix = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _JacobianSandwich(CurvatureOperator):
@@ -43,6 +41,11 @@ class _JacobianSandwich(CurvatureOperator):
 
     def _known_psd(self) -> bool:
         return True
+
+    @property
+    def _loss_object(self) -> Loss:
+        """The loss object of ``loss_fn``: its closed forms, checks and sampling."""
+        return loss_for(self.loss_fn)
 
     def _output(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         """The differentiable output ``z`` whose Jacobian ``J`` sandwiches ``Lambda`` (default: the outputs)."""
@@ -95,10 +98,12 @@ class GGNOperator(_JacobianSandwich):
 
     (Schraudolph 2002, "Fast curvature matrix-vector products for second-order gradient descent";
     Martens 2020, arXiv:1412.1193). The loss Hessian in output space is in closed form for
-    ``torch.nn.MSELoss`` and ``torch.nn.CrossEntropyLoss`` (mean or sum; 2-D or N-D logits; class-index
-    or probability targets; ``ignore_index``, ``weight`` and ``label_smoothing``), and computed by autodiff
-    for any other scalar ``loss_fn``. For MSE and CE the GGN equals the Fisher and is PSD; for other
-    losses it is PSD only where the loss is convex in the outputs, so ``is_psd`` is then False.
+    ``torch.nn.MSELoss``, ``torch.nn.CrossEntropyLoss`` (mean or sum; 2-D or N-D logits; class-index
+    or probability targets; ``ignore_index``, ``weight`` and ``label_smoothing``) and
+    ``torch.nn.BCEWithLogitsLoss`` (mean or sum; any logit shape; ``weight`` and ``pos_weight``), and computed
+    by autodiff for any other scalar ``loss_fn``. For these three the GGN is PSD (with non-negative weights), and
+    without weights it equals the Fisher; for other losses it is PSD only where the loss is convex in the outputs, so
+    ``is_psd`` is then False.
 
     A product costs two backward passes through kept graphs. Arguments as in
     :class:`~curvature.operators.curvature.CurvatureOperator`.
@@ -114,17 +119,13 @@ class GGNOperator(_JacobianSandwich):
     title = "GGN"
 
     def _known_psd(self) -> bool:
-        return self._kind != "other"
+        return self._loss_object.ggn_is_psd()
 
     def _check_loss_supported(self) -> None:
-        if self._kind == "ce" and self.loss_fn.weight is not None and self.loss_fn.label_smoothing > 0:
-            raise ValueError(
-                "CrossEntropyLoss with both weight= and label_smoothing= has no closed-form Gauss-Newton "
-                "here; use curvature.HessianOperator, or drop one of the two."
-            )
+        self._loss_object.check_ggn()
 
     def _output_matrix(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMatrix:
-        return output_hessian(self._kind, self.loss_fn, outputs, targets, self.reduction)
+        return self._loss_object.output_hessian(outputs, targets, self.reduction)
 
 
 class FisherOperator(GGNOperator):
@@ -134,8 +135,9 @@ class FisherOperator(GGNOperator):
               \big[\nabla_z \ell(z_n, \hat y)\, \nabla_z \ell(z_n, \hat y)^\top\big] J_n
 
     with the likelihood that the loss is the negative log of: a Gaussian :math:`\mathcal N(z, \frac12 I)`
-    for ``MSELoss`` and a categorical (at every position) for ``CrossEntropyLoss``; :math:`c` is the
-    loss's mean normalizer (or 1 for a sum). For these exponential families the exact Fisher equals the
+    for ``MSELoss``, a categorical (at every position) for ``CrossEntropyLoss`` and a Bernoulli
+    :math:`\sigma(z)` (at every entry) for ``BCEWithLogitsLoss``; :math:`c` is the loss's mean normalizer
+    (or 1 for a sum). For these exponential families the exact Fisher equals the
     GGN (Martens 2020, arXiv:1412.1193, Sec. 9). With ``mc_samples=M`` the expectation is replaced by an
     average over ``M`` targets drawn per data point (Kunstner, Balles, Hennig 2019, arXiv:1905.12558),
     an unbiased, PSD, rank-limited estimate. The draws are fixed when the operator is built (one seed per
@@ -146,7 +148,8 @@ class FisherOperator(GGNOperator):
 
     Args:
         model: The model.
-        loss_fn: ``torch.nn.MSELoss`` or ``torch.nn.CrossEntropyLoss`` (without ``weight=``).
+        loss_fn: ``torch.nn.MSELoss``, ``torch.nn.CrossEntropyLoss`` (without ``weight=``) or
+            ``torch.nn.BCEWithLogitsLoss`` (without ``weight=`` and ``pos_weight=``).
         data: One batch or an iterable of batches.
         params: None or an iterable of parameters or names.
         mc_samples: None for the exact Fisher, else the number of sampled targets per data point.
@@ -157,7 +160,7 @@ class FisherOperator(GGNOperator):
 
     Raises:
         TypeError: For a loss that is not the negative log-likelihood of a known distribution.
-        ValueError: For ``mc_samples`` that is not a positive integer.
+        ValueError: For ``mc_samples`` that is not a positive integer, or a loss with class or entry weights.
 
     Example:
         >>> model = torch.nn.Linear(3, 2)
@@ -193,16 +196,7 @@ class FisherOperator(GGNOperator):
         super().__init__(model, loss_fn, data, params, **kwargs)
 
     def _check_loss_supported(self) -> None:
-        if self._kind == "other":
-            raise TypeError(
-                f"FisherOperator needs a loss that is a negative log-likelihood it knows (torch.nn.MSELoss or "
-                f"torch.nn.CrossEntropyLoss), got {type(self.loss_fn).__name__}; use GGNOperator or "
-                "EmpiricalFisherOperator for other losses."
-            )
-        if self._kind == "ce" and self.loss_fn.weight is not None:
-            raise ValueError(
-                "CrossEntropyLoss with class weight= is not a likelihood, so it has no Fisher; use GGNOperator."
-            )
+        self._loss_object.check_fisher()
         if self.mc_samples is not None and self._data.random_order:
             raise ValueError(
                 "data is a shuffling DataLoader, but the Monte-Carlo Fisher seeds its draws by batch position, so "
@@ -215,7 +209,7 @@ class FisherOperator(GGNOperator):
             return super()._output_matrix(outputs, targets, index)
         rank = self._shards.rank if self._shards is not None else 0  # independent draws on every shard
         generator = torch.Generator(device=self.device).manual_seed(self._seed + (rank << 32) + index)
-        g = sampled_output_gradients(self._kind, self.loss_fn, outputs, targets, self.mc_samples, generator)
+        g = self._loss_object.sampled_output_gradients(outputs, targets, self.mc_samples, generator)
         count = self._batch_weight(targets, None, outputs) if self.reduction == "mean" else 1.0
         scale = 1.0 / (self.mc_samples * count) if count else 0.0  # a batch with every target ignored
         n = outputs.shape[0]
@@ -253,7 +247,7 @@ class EmpiricalFisherOperator(_JacobianSandwich):
     title = "Empirical Fisher"
 
     def _output(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
-        return per_sample_losses(self._kind, self.loss_fn, outputs, targets, self.reduction)
+        return self._loss_object.per_sample_losses(outputs, targets, self.reduction)
 
     def _output_matrix(self, outputs: torch.Tensor, targets: Any, index: int) -> OutputMatrix:
         scale = 1.0 / outputs.shape[0] if self.reduction == "mean" and outputs.shape[0] else 1.0
