@@ -3,6 +3,8 @@
 The public names are re-exported here; nothing is defined in this file.
 """
 
+from importlib import metadata as _metadata
+
 from . import compat, optim, pruning, reference, regularizers, sampling
 from ._func import ggn_vp, hvp
 from .linalg import (
@@ -33,7 +35,10 @@ from .operators import (
 )
 from .sharpness import METRICS, SharpnessMonitor, SharpnessReport, sharpness
 
-__version__ = "0.1.0"
+try:  # one source of truth: pyproject.toml, through the installed package's metadata
+    __version__ = _metadata.version("curvature")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "METRICS",
