@@ -5,9 +5,10 @@ Two families live here:
 * :func:`hvp` and :func:`ggn_vp` are pure ``torch.func`` compositions (forward-over-reverse
   ``jvp(grad(f))`` and ``jvp`` → loss Hessian → ``vjp``). They compose with ``vmap`` and ``grad`` and
   can be differentiated again (``create_graph=True``), which regularizers need.
-* :func:`vjp_columns` is the engine behind the operators: a reverse pass through an autograd graph that
-  is kept alive, for ``k`` cotangents at once, either vectorized (``is_grads_batched``) or in a loop.
-  Reusing the first-order graph makes one more Hessian product cost a single backward pass.
+* :func:`vjp_columns` is the one engine for products through a kept autograd graph: ``k`` cotangents at
+  once, vectorized (``is_grads_batched``) or in a loop, differentiable when asked (``create_graph=True``).
+  Through a gradient with its graph (:func:`gradient`) they are Hessian products, one backward pass each:
+  the exact operators, the optimizers' graph Hessian and the trace and alignment penalties all use it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch.func import functional_call, grad, jvp, vjp
 
-__all__ = ["ggn_vp", "hvp", "model_outputs", "vjp_columns"]
+__all__ = ["ggn_vp", "gradient", "hvp", "model_outputs", "vjp_batched", "vjp_columns"]
 
 _vmap_fallback_warned = False
 
@@ -134,6 +135,59 @@ def model_outputs(
     return functional_call(model, params_and_buffers, (inputs,))
 
 
+def gradient(
+    loss: torch.Tensor, params: Sequence[torch.Tensor], *, create_graph: bool = False
+) -> tuple[list[torch.Tensor], list[bool]]:
+    """The gradient of a scalar loss, one tensor per parameter (zeros where unused), and which are unused.
+
+    With ``create_graph=True`` it keeps its graph: :func:`vjp_columns` through it gives Hessian products.
+
+    Example:
+        >>> w, spare = torch.tensor([1.0, 2.0], requires_grad=True), torch.ones(1, requires_grad=True)
+        >>> gradient((w**2).sum(), [w, spare])
+        ([tensor([2., 4.]), tensor([0.])], [False, True])
+    """
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)], [g is None for g in grads]
+
+
+def _differentiable(
+    outputs: Sequence[torch.Tensor | None], cotangents: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The outputs that have a graph, with their cotangents (the others contribute nothing)."""
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None and o.requires_grad]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _filled(grads: Sequence[torch.Tensor | None], inputs: Sequence[torch.Tensor],
+            batch: tuple[int, ...]) -> list[torch.Tensor]:
+    """Zeros of shape ``(*batch, *input.shape)`` where autograd found no path (None)."""
+    return [g if g is not None else torch.zeros((*batch, *x.shape), dtype=x.dtype, device=x.device)
+            for g, x in zip(grads, inputs)]
+
+
+def vjp_batched(
+    outputs: Sequence[torch.Tensor | None],
+    inputs: Sequence[torch.Tensor],
+    cotangents: Sequence[torch.Tensor],
+    *,
+    create_graph: bool = False,
+) -> list[torch.Tensor]:
+    """:func:`vjp_columns` in one vectorized pass (``is_grads_batched``, also for ``k = 1``); the graph is kept.
+
+    Raises:
+        RuntimeError: (or ``NotImplementedError``) from autograd where vmap cannot batch the graph, with
+            nothing computed: :func:`vjp_columns` then loops; callers with their own policy catch it.
+    """
+    k = cotangents[0].shape[0]
+    outs, cots = _differentiable(outputs, cotangents)
+    if not outs:
+        return _filled([None] * len(inputs), inputs, (k,))
+    grads = torch.autograd.grad(outs, inputs, cots, retain_graph=True, create_graph=create_graph,
+                                allow_unused=True, is_grads_batched=True)
+    return _filled(grads, inputs, (k,))
+
+
 def vjp_columns(
     outputs: Sequence[torch.Tensor | None],
     inputs: Sequence[torch.Tensor],
@@ -141,13 +195,15 @@ def vjp_columns(
     *,
     vectorize: bool,
     retain_graph: bool = True,
+    create_graph: bool = False,
 ) -> list[torch.Tensor]:
     r"""Reverse-mode products :math:`J^\top c_j` for ``k`` cotangents through a kept autograd graph.
 
     The graph is retained, so the call can be repeated with new cotangents at the cost of one backward
     pass each; with ``retain_graph=False`` the last backward pass of the column loop frees it as it goes (a
     graph used once then peaks lower; a vectorized call keeps it, in case vmap fails and the loop needs it).
-    Inputs that the outputs do not depend on get zeros.
+    Inputs that the outputs do not depend on get zeros. With a gradient and its graph as the outputs, the
+    products are :math:`H c_j` (Pearlmutter 1994, "Fast exact multiplication by the Hessian").
 
     Args:
         outputs: Tensors of the graph (entries that are None or do not require grad are skipped).
@@ -156,31 +212,20 @@ def vjp_columns(
         vectorize: Push all ``k`` cotangents through the graph at once with ``is_grads_batched`` (vmap);
             if the graph cannot be vmapped, a one-time warning is emitted and a loop is used.
         retain_graph: Keep the graph after the last column (False: this is its last use).
+        create_graph: Keep the products differentiable (the graph is then always retained).
 
     Returns:
         One tensor of shape ``(k, *input.shape)`` per input.
     """
     global _vmap_fallback_warned
     k = cotangents[0].shape[0]
-    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None and o.requires_grad]
-    if not pairs:
-        return [torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device) for x in inputs]
-    outs, cots = [p[0] for p in pairs], [p[1] for p in pairs]
-
-    def fill(grads: Sequence[torch.Tensor | None], batched: bool) -> list[torch.Tensor]:
-        return [
-            g if g is not None else torch.zeros((k, *x.shape) if batched else x.shape, dtype=x.dtype,
-                                                device=x.device)
-            for g, x in zip(grads, inputs)
-        ]
-
+    outs, cots = _differentiable(outputs, cotangents)
+    if not outs:
+        return _filled([None] * len(inputs), inputs, (k,))
     if vectorize and k > 1:
         try:
             # The graph is kept even on its last use: if vmap fails half-way, the loop below needs it whole.
-            grads = torch.autograd.grad(
-                outs, inputs, cots, retain_graph=True, allow_unused=True, is_grads_batched=True
-            )
-            return fill(grads, batched=True)
+            return vjp_batched(outs, inputs, cots, create_graph=create_graph)
         except RuntimeError as err:  # an op without a batching rule
             if not _vmap_fallback_warned:
                 warnings.warn(
@@ -191,8 +236,8 @@ def vjp_columns(
                 )
                 _vmap_fallback_warned = True
     columns = [
-        fill(torch.autograd.grad(outs, inputs, [c[j] for c in cots], retain_graph=retain_graph or j + 1 < k,
-                                 allow_unused=True), batched=False)
+        _filled(torch.autograd.grad(outs, inputs, [c[j] for c in cots], allow_unused=True, create_graph=create_graph,
+                                    retain_graph=retain_graph or create_graph or j + 1 < k), inputs, ())
         for j in range(k)
     ]
     if k == 1:

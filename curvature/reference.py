@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp
+from torch.utils import _pytree as pytree
 
 from .operators.curvature import select_parameters
 from .operators.data import Data, to_device
@@ -29,37 +30,31 @@ __all__ = ["REFERENCES", "empirical_fisher", "fisher", "ggn", "hessian_matrix"]
 
 
 def _cat(parts: list[Any]) -> Any:
-    first = parts[0]
-    if first is None:  # batches without targets
-        return None
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts)
-    if isinstance(first, dict):
-        return {key: _cat([p[key] for p in parts]) for key in first}
-    if isinstance(first, (tuple, list)):
-        return type(first)(_cat([p[i] for p in parts]) for i in range(len(first)))
-    raise TypeError(f"cannot concatenate batches of type {type(first).__name__}.")
+    """Concatenate batches (tensors, or matching dicts, tuples and lists of them) along the batch dimension.
+
+    Entries that are None (batches without targets) stay None.
+
+    Raises:
+        TypeError: On an entry that is neither a tensor nor None.
+    """
+
+    def cat(first: Any, *rest: Any) -> Any:
+        if first is None:
+            return None
+        if not isinstance(first, torch.Tensor):
+            raise TypeError(f"cannot concatenate batches of type {type(first).__name__}.")
+        return torch.cat([first, *rest])
+
+    return pytree.tree_map(cat, parts[0], *parts[1:])
 
 
 def _sample(obj: Any, n: int) -> Any:
     """Sample ``n`` of a batch of targets (a tensor or a container of tensors), keeping the batch dimension."""
-    if isinstance(obj, torch.Tensor):
-        return obj[n:n + 1]
-    if isinstance(obj, dict):
-        return {key: _sample(val, n) for key, val in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_sample(val, n) for val in obj)
-    return obj
+    return pytree.tree_map_only(torch.Tensor, lambda t: t[n:n + 1], obj)
 
 
 def _to64(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.double() if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {key: _to64(val) for key, val in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to64(val) for val in obj)
-    return obj
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.double() if t.is_floating_point() else t, obj)
 
 
 def _jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .._flat import split
 from .._modes import eval_mode
 from ..linalg import eigenvalues as lanczos_eigenvalues
 from ..linalg import spectral_density
@@ -99,8 +100,7 @@ class hessian:  # noqa: N801 (PyHessian's name, so that only the import changes)
         return self.operator.num_matvecs
 
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        sizes = [p.numel() for p in self.params]
-        return [chunk.reshape(p.shape).clone() for chunk, p in zip(flat.split(sizes), self.params)]
+        return [t.clone() for t in split(flat, self.params)]
 
     def eigenvalues(self, maxIter: int = 100, tol: float = 1e-3, top_n: int = 1,  # noqa: N803 (PyHessian's)
                     generator: Optional[torch.Generator] = None) -> tuple[list[float], list[list[torch.Tensor]]]:

@@ -3,10 +3,11 @@
 Every function takes an operator with ``@``, ``.shape``, ``.dtype`` and ``.device``; eigenvalue methods,
 Lanczos, SLQ and the solvers need it symmetric, trace, diagonal and Frobenius-norm estimators do not. Whatever
 the operator's dtype, the estimators compute in at least float32 and their rounding-level tests scale with
-what its products can deliver (``curvature.linalg._operand``).
+what its products can deliver (``Operand``, the view of an operator every estimator works through, exported for
+jobs that run their own estimation loop, such as pruning's joint diagonal and block-trace pass).
 """
 
-from ._operand import PrecisionWarning
+from ._operand import Operand, PrecisionWarning
 from .density import SpectralDensity, spectral_density
 from .diagonal import diagonal
 from .eigen import EigenResult, eigenvalues
@@ -18,6 +19,7 @@ __all__ = [
     "EigenResult",
     "Estimate",
     "LanczosResult",
+    "Operand",
     "PrecisionWarning",
     "SolveResult",
     "SpectralDensity",

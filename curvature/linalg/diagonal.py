@@ -10,9 +10,9 @@ import torch
 from .._checks import check_count
 from ..sampling import check_distribution, resolve_generator
 from ._operand import Operand
-from .trace import Estimate, _probe_blocks, exact_diagonal, xtrace_samples
+from .trace import Estimate, exact_diagonal, probe_blocks, xtrace_samples
 
-__all__ = ["DIAGONAL_METHODS", "diagonal"]
+__all__ = ["DIAGONAL_METHODS", "diagonal", "per_entry_estimate"]
 
 DIAGONAL_METHODS = ("hutchinson", "xdiag", "exact")
 
@@ -93,18 +93,20 @@ def diagonal(
         # Sums in float64: in float32, sum(x²) - m·mean² cancels when the diagonal dominates the spread.
         total = torch.zeros(operand.size, dtype=torch.float64, device=operand.device)
         total_sq = torch.zeros_like(total)
-        for Om in _probe_blocks(operand, num_matvecs, distribution, generator):
+        for Om in probe_blocks(operand, num_matvecs, distribution, generator):
             terms = (Om * (operand @ Om)).double()
             total += terms.sum(1)
             total_sq += terms.pow(2).sum(1)
-        return _per_entry(total, total_sq, num_matvecs, operand)
+        return per_entry_estimate(total, total_sq, num_matvecs, operand)
     return _xdiag(operand, num_matvecs, distribution, generator)
 
 
-def _per_entry(total: torch.Tensor, total_sq: torch.Tensor, count: int, operand: Operand) -> Estimate:
-    """Mean and standard error per entry from float64 sums of ``count`` estimates and of their squares.
+def per_entry_estimate(total: torch.Tensor, total_sq: torch.Tensor, count: int, operand: Operand) -> Estimate:
+    r"""Mean and standard error per entry from float64 sums of ``count`` estimates and of their squares.
 
-    The results stay on the operator's device; the one host read is the check that every product was finite.
+    :math:`\hat\mu = S_1 / n` and :math:`\widehat{\mathrm{se}} = \sqrt{\max(S_2 - n \hat\mu^2, 0) / (n (n - 1))}`
+    for :math:`S_1 = \sum_i x_i`, :math:`S_2 = \sum_i x_i^2`, ``n = count``, in the operator's dtype on its device;
+    the one host read is the check that every product through ``operand`` was finite (``ValueError`` if not).
     """
     operand.check()
     mean = total / count
@@ -113,6 +115,9 @@ def _per_entry(total: torch.Tensor, total_sq: torch.Tensor, count: int, operand:
         value=mean.to(operand.dtype), std_error=(variance.sqrt() / math.sqrt(count)).to(operand.dtype),
         num_matvecs=operand.num_matvecs,
     )
+
+
+_per_entry = per_entry_estimate  # the former private name
 
 
 def _exact(operand: Operand) -> Estimate:
@@ -142,4 +147,4 @@ def _xdiag(operand: Operand, m: int, distribution: str, generator: torch.Generat
         a = -W + S * (S * W).sum(0)
         terms = Om * (Y + Z @ a) - (Q @ S) * (Z @ S)
     estimates = (low.unsqueeze(1) + terms).double()  # column i: the leave-one-out estimate d_i
-    return _per_entry(estimates.sum(1), estimates.pow(2).sum(1), n, operand)
+    return per_entry_estimate(estimates.sum(1), estimates.pow(2).sum(1), n, operand)

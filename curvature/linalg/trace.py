@@ -32,7 +32,7 @@ from .._checks import check_count
 from ..sampling import check_distribution, resolve_generator
 from ._operand import Operand
 
-__all__ = ["MIN_MATVECS", "Estimate", "TRACE_METHODS", "frobenius_norm", "trace"]
+__all__ = ["MIN_MATVECS", "Estimate", "TRACE_METHODS", "frobenius_norm", "probe_blocks", "trace"]
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "exact")
 MIN_MATVECS = {"hutchinson": 2, "hutch++": 4, "xtrace": 4}  # the fewest products that give a standard error
@@ -132,7 +132,7 @@ def trace(
         return _exact_trace(operand)
     if method == "hutchinson":
         samples = torch.cat(
-            [(Om * (operand @ Om)).sum(0) for Om in _probe_blocks(operand, num_matvecs, distribution, generator)]
+            [(Om * (operand @ Om)).sum(0) for Om in probe_blocks(operand, num_matvecs, distribution, generator)]
         )
         return _mean_estimate(samples, operand)
     if method == "hutch++":
@@ -177,7 +177,7 @@ def frobenius_norm(
     generator = resolve_generator(generator)
     check_count(num_matvecs, "num_matvecs", minimum=2)
     samples = torch.cat(
-        [(operand @ Om).double().pow(2).sum(0) for Om in _probe_blocks(operand, num_matvecs, distribution, generator)]
+        [(operand @ Om).double().pow(2).sum(0) for Om in probe_blocks(operand, num_matvecs, distribution, generator)]
     )
     squared = _mean_estimate(samples, operand)
     value = math.sqrt(max(squared.value, 0.0))
@@ -185,13 +185,20 @@ def frobenius_norm(
     return Estimate(value=value, std_error=std_error, num_matvecs=operand.num_matvecs)
 
 
-def _probe_blocks(
+def probe_blocks(
     operand: Operand, count: int, distribution: str, generator: torch.Generator | None
 ) -> Iterator[torch.Tensor]:
-    """Yield ``count`` probes as ``(P, ≤BLOCK)`` blocks, drawn one block at a time (bounded memory)."""
+    """Yield ``count`` probes as ``(P, ≤BLOCK)`` blocks, drawn one block at a time (bounded memory).
+
+    The probes of every stochastic estimator here: a job that runs its own pass over them (pruning's block
+    traces) draws the same numbers as :func:`trace` and :func:`~curvature.linalg.diagonal.diagonal`.
+    """
     for start in range(0, count, BLOCK):
         width = min(BLOCK, count - start)
         yield operand.probes(distribution, (operand.size, width), generator)
+
+
+_probe_blocks = probe_blocks  # the former private name
 
 
 def _mean_estimate(samples: torch.Tensor, operand: Operand, offset: torch.Tensor | None = None) -> Estimate:
@@ -227,7 +234,7 @@ def _hutchpp(operand: Operand, m: int, distribution: str, generator: torch.Gener
     Q = torch.linalg.qr(operand @ S).Q
     low_rank = (Q * (operand @ Q)).sum().double()
     samples = []
-    for G in _probe_blocks(operand, m - 2 * sketch, distribution, generator):
+    for G in probe_blocks(operand, m - 2 * sketch, distribution, generator):
         G = G - Q @ (Q.T @ G)
         samples.append((G * (operand @ G)).sum(0))
     return _mean_estimate(torch.cat(samples), operand, offset=low_rank)

@@ -436,6 +436,11 @@ class CurvatureOperator(_ModelTracking, _BatchValidation, LinearOperator):
         """Free the kept autograd graphs; the next product rebuilds them."""
         self._graphs.clear()
 
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        """The selected parameters (the model's own tensors, named by ``param_names``), in flat-vector order."""
+        return tuple(self._params)
+
 
 class _Float32Products(LinearOperator):
     """A half-precision curvature operator with its products computed in float32 (:meth:`higher_precision`)."""

@@ -1,15 +1,18 @@
-"""Curvature-aware optimizers (and SAM): ``torch.optim.Optimizer`` subclasses that share one closure contract.
+"""Curvature-aware optimizers, SAM and gradient regularization: ``torch.optim.Optimizer`` subclasses, one closure.
 
 ``step(closure)``: the closure runs the forward pass and returns the scalar loss with its graph, without
 calling ``backward``; the optimizer differentiates it as often as its method needs (each class says how
 often), never reads or writes ``.grad``, and returns the loss at the start of the step. The update rules
-are also plain functions on an operator and a gradient in :mod:`curvature.optim.functional`.
+are also plain functions on an operator and a gradient in :mod:`curvature.optim.functional`. :class:`SAM` and
+:class:`GradientRegularization` wrap a base optimizer (SGD, Adam, ...) instead: they write a modified gradient
+into ``.grad`` and let it step.
 """
 
 from . import functional
+from .gradient_regularization import GradientRegularization
 from .hessian_free import HessianFree
 from .regularized_newton import RegularizedNewton
 from .saddle_free import SaddleFreeNewton
 from .sam import SAM
 
-__all__ = ["SAM", "HessianFree", "RegularizedNewton", "SaddleFreeNewton", "functional"]
+__all__ = ["SAM", "GradientRegularization", "HessianFree", "RegularizedNewton", "SaddleFreeNewton", "functional"]

@@ -13,121 +13,26 @@ over a fixed batch stays on that batch while the closure's batch changes.
 
 A step may be taken under ``torch.no_grad()`` or ``torch.inference_mode()``: it runs with inference mode off
 (:func:`no_grad_step`) and differentiates the closure with autograd recording (:func:`evaluate`), so it takes
-exactly the step taken outside them, and the state it keeps holds normal tensors.
+exactly the step taken outside them, and the state it keeps holds normal tensors. The closure contract
+itself (evaluation, the Hessian through the loss's graph) is :mod:`curvature._closure`, shared with the
+regularizers.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from abc import abstractmethod
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, TypeVar, Union, cast
+from typing import Any, Callable, Optional, Union, cast
 
 import torch
 
-from .._checks import check_count, check_scalar, common_dtype_device, no_graph_reason
-from .._func import vjp_columns
-from .._modes import autograd_enabled
-from ..operators.base import LinearOperator
-from ..operators.curvature import CurvatureOperator
+from .._checks import check_count, check_scalar, common_dtype_device
+from .._closure import Closure, Point, evaluate, no_grad_step
+from ..operators import CurvatureOperator, LinearOperator
 
 __all__ = ["CurvatureArg", "CurvatureOptimizer", "Point", "evaluate", "no_grad_step", "try_steps"]
 
 CurvatureArg = Union[str, Callable[[list[torch.Tensor]], Any]]
-Closure = Callable[[], torch.Tensor]
-F = TypeVar("F", bound=Callable[..., Any])
-# The start of autograd's error when a graph is differentiated after its saved tensors were freed.
-FREED_GRAPH = "backward through the graph a second time"
-
-
-def no_grad_step(fn: F) -> F:
-    """Decorate an optimizer step or a regularizer: run it under ``torch.no_grad()`` with inference mode off.
-
-    ``torch.no_grad()`` alone is not enough under ``torch.inference_mode()``: the tensors a step keeps (saved
-    parameters, optimizer state such as momentum buffers, ``.grad``) would be inference tensors, which a later
-    step outside inference mode cannot update in place, and the closure's loss could not be differentiated.
-    With inference mode off for the call, a step under ``torch.inference_mode()`` is exactly the step taken
-    outside it; the autograd work inside runs in :func:`curvature._modes.autograd_enabled` (:func:`evaluate`).
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode(False), torch.no_grad():
-            return fn(*args, **kwargs)
-
-    return cast(F, wrapper)
-
-
-class GraphHessian(LinearOperator):
-    r"""The Hessian of one evaluated loss: :math:`H v = \nabla_\theta (\nabla_\theta L^\top v)` through its graph.
-
-    Built from the gradient computed with ``create_graph=True``; each product is one backward pass through
-    that graph (Pearlmutter 1994). Valid only while the parameters are unchanged: an in-place update makes
-    autograd refuse the graph.
-    """
-
-    def __init__(self, grads: tuple[Optional[torch.Tensor], ...], params: list[torch.Tensor]) -> None:
-        dtype, device = common_dtype_device(params, "the group's parameters")
-        super().__init__(sum(p.numel() for p in params), dtype, device, is_symmetric=True, is_psd=False)
-        self._grads, self._params = grads, params
-        self._sizes = [p.numel() for p in params]
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        k = V.shape[1]
-        vs = [c.reshape(k, *p.shape) for c, p in zip(V.T.split(self._sizes, dim=1), self._params)]
-        columns = vjp_columns(self._grads, self._params, vs, vectorize=False)
-        return torch.cat([c.reshape(k, -1) for c in columns], dim=1).T.contiguous()
-
-
-@dataclass
-class Point:
-    """The closure evaluated at the current parameters of a group.
-
-    Attributes:
-        loss: The loss, detached.
-        value: The loss as a float.
-        grads: The gradient, one tensor per parameter (None when not asked for or when the loss is not
-            finite); zeros for parameters the loss does not use.
-        hessian: The Hessian through the loss's graph (only when asked for).
-        unused: For each parameter, whether the loss does not depend on it (its gradient is then a zero).
-    """
-
-    loss: torch.Tensor
-    value: float
-    grads: Optional[list[torch.Tensor]] = None
-    hessian: Optional[GraphHessian] = None
-    unused: list[bool] = field(default_factory=list)
-    _flat: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
-
-    @property
-    def grad(self) -> Optional[torch.Tensor]:
-        """The gradient as one flat vector (concatenated on first use)."""
-        if self.grads is None:
-            return None
-        if self._flat is None:
-            self._flat = flatten(self.grads)
-        return self._flat
-
-    @property
-    def finite(self) -> bool:
-        """True when the loss and (if computed) the gradient are finite.
-
-        One reduction: a NaN or Inf entry makes the sum non-finite; only a non-finite sum, which overflow alone
-        can cause, is checked entry by entry.
-        """
-        if not math.isfinite(self.value):
-            return False
-        if self.grads is None:
-            return True
-        total = torch.stack([g.sum() for g in self.grads]).sum()
-        return bool(torch.isfinite(total)) or all(bool(torch.isfinite(g).all()) for g in self.grads)
-
-
-def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Concatenate tensors into one flat vector."""
-    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 @torch.no_grad()
@@ -161,55 +66,6 @@ def try_steps(closure: Closure, params: list[torch.Tensor], origin: torch.Tensor
         alpha *= shrink
     assign(params, origin)
     return 0.0, first
-
-
-def evaluate(closure: Closure, params: list[torch.Tensor], order: int) -> Point:
-    """Call the closure and differentiate its loss ``order`` times (0: value, 1: gradient, 2: Hessian too).
-
-    The closure runs with autograd recording (:func:`curvature._modes.autograd_enabled`), also when the caller
-    is under ``torch.no_grad()`` or ``torch.inference_mode()``.
-
-    Raises:
-        TypeError: If the closure does not return a floating-point tensor.
-        ValueError: If the loss is not a scalar, or (for ``order >= 1``) has no graph (the message says why:
-            a detach, ``torch.no_grad()`` or ``torch.inference_mode()`` inside the closure), or its graph was
-            already freed because the closure called ``backward`` on it.
-    """
-    with autograd_enabled():
-        loss = closure()
-        if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
-            raise TypeError(
-                f"the closure must return the loss as a floating-point tensor, got {type(loss).__name__}; "
-                "e.g. def closure(): return loss_fn(model(x), y)"
-            )
-        if loss.numel() != 1:
-            raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}; reduce it.")
-        value = float(loss.detach())
-        point = Point(loss=loss.detach().reshape(()), value=value)
-        if order == 0 or not math.isfinite(value):
-            return point
-        if not loss.requires_grad:
-            raise ValueError(
-                f"the closure's loss has no graph: {no_graph_reason(loss)}. Return the loss with its graph and do "
-                "not call backward: the optimizer differentiates it."
-            )
-        try:
-            grads = torch.autograd.grad(loss, params, create_graph=order >= 2, allow_unused=True)
-        except RuntimeError as error:
-            if FREED_GRAPH not in str(error):
-                raise
-            raise ValueError(
-                "the closure's loss was already differentiated and its graph freed: the closure calls "
-                "loss.backward() (the torch.optim.LBFGS style), or returns a loss computed once outside it. The "
-                "closure must compute the loss and return it without calling backward: the optimizer "
-                "differentiates it, e.g. optimizer.step(lambda: loss_fn(model(x), y)). The parameters are "
-                "unchanged."
-            ) from error
-        point.grads = [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
-    point.unused = [g is None for g in grads]
-    if order >= 2:
-        point.hessian = GraphHessian(grads, params)
-    return point
 
 
 def check_curvature(curvature: Any) -> CurvatureArg:
@@ -363,12 +219,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             op = cast(Callable[[list[torch.Tensor]], Any], self.curvature)(list(params))
             order = params
             if isinstance(op, CurvatureOperator):
-                if sorted(id(p) for p in op._params) != list(key):
+                if sorted(id(p) for p in op.params) != list(key):
                     raise ValueError(
                         "the curvature factory built an operator over other parameters than the group's; pass "
                         "params=params to the operator."
                     )
-                order = list(op._params)  # the operator's layout (model order) decides the flat vectors'
+                order = list(op.params)  # the operator's layout (model order) decides the flat vectors'
             size = sum(p.numel() for p in params)
             shape = tuple(getattr(op, "shape", ()))
             if shape != (size, size):

@@ -5,61 +5,22 @@ Adam, ...) take the step. The base optimizer is built on the wrapper's own param
 the same groups and hyperparameters, and ``state_dict`` is the base optimizer's (momentum buffers
 included) with the wrapper's hyperparameters in its groups.
 
-The closure is evaluated by :func:`checked_point`, which applies the regularizers' rule
+The closure is evaluated by :func:`curvature._closure.checked_point`, which applies the regularizers' rule
 (:func:`curvature._checks.check_uses_params`): a loss that depends on none of the parameters is refused.
-Steps are decorated with :func:`curvature.optim._base.no_grad_step`, so that under ``torch.no_grad()`` or
+Steps are decorated with :func:`curvature._closure.no_grad_step`, so that under ``torch.no_grad()`` or
 ``torch.inference_mode()`` they take the step taken outside them.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from typing import Any, Callable, Optional, cast
+from typing import Any, Optional
 
 import torch
 
-from .._checks import check_uses_params
-from ._base import Point, evaluate, no_grad_step
+from .._closure import Closure
 
-__all__ = ["WrappedOptimizer", "checked_point", "closure_gradient", "no_grad_step", "restore", "split"]
-
-Closure = Callable[[], torch.Tensor]
-
-
-def checked_point(closure: Closure, params: list[torch.Tensor], where: str, order: int = 1) -> Point:
-    """Evaluate the closure with its gradient (``order=2``: and its Hessian graph); refuse non-finite values.
-
-    Raises:
-        TypeError: If the closure does not return a floating-point tensor.
-        ValueError: If the loss is not a scalar, has no graph, was already differentiated (the closure called
-            ``backward``), depends on none of ``params``, or it or its gradient is not finite.
-    """
-    point = evaluate(closure, params, order=order)
-    if not math.isfinite(point.value):
-        raise ValueError(f"the loss {where} is not finite ({point.value}); the parameters are unchanged.")
-    if not point.finite:
-        raise ValueError(f"the gradient {where} holds NaN or Inf; the parameters are unchanged.")
-    check_uses_params(point.unused, f"the loss {where}", "params")
-    return point
-
-
-def split(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Cut a flat vector into one tensor per parameter."""
-    return [t.view_as(p) for t, p in zip(flat.split([p.numel() for p in params]), params)]
-
-
-def closure_gradient(closure: Closure, params: list[torch.Tensor], where: str) -> tuple[torch.Tensor, list]:
-    """The loss and its gradient, one tensor per parameter (zeros where unused); see :func:`checked_point`."""
-    point = checked_point(closure, params, where)
-    return point.loss, cast(list, point.grads)
-
-
-@torch.no_grad()
-def restore(params: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
-    """Copy saved values back into the parameters (bit for bit)."""
-    for p, s in zip(params, saved):
-        p.copy_(s)
+__all__ = ["WrappedOptimizer"]
 
 
 class WrappedOptimizer(torch.optim.Optimizer):

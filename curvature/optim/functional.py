@@ -25,8 +25,7 @@ from typing import Any, Optional
 import torch
 
 from .._checks import check_count, check_scalar
-from ..linalg import PrecisionWarning, lanczos, solve
-from ..linalg._operand import Operand
+from ..linalg import Operand, PrecisionWarning, lanczos, solve
 
 __all__ = [
     "NewtonStep",

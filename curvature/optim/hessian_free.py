@@ -7,7 +7,9 @@ from typing import Any, Optional
 import torch
 
 from .._checks import check_count, check_scalar
-from ._base import Closure, CurvatureArg, CurvatureOptimizer, flatten, try_steps
+from .._closure import Closure
+from .._flat import flatten
+from ._base import CurvatureArg, CurvatureOptimizer, try_steps
 from .functional import hessian_free_step, levenberg_marquardt_damping, loss_rounding, quadratic_model
 
 __all__ = ["HessianFree"]

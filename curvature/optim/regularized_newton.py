@@ -9,7 +9,9 @@ from typing import Any, Optional
 import torch
 
 from .._checks import check_count
-from ._base import Closure, CurvatureArg, CurvatureOptimizer, assign, evaluate, flatten
+from .._closure import Closure, evaluate
+from .._flat import flatten
+from ._base import CurvatureArg, CurvatureOptimizer, assign
 from .functional import loss_rounding, regularized_newton_accepts, regularized_newton_step
 
 __all__ = ["RegularizedNewton"]

@@ -7,7 +7,9 @@ from typing import Any
 import torch
 
 from .._checks import check_count
-from ._base import Closure, CurvatureArg, CurvatureOptimizer, assign, flatten, try_steps
+from .._closure import Closure
+from .._flat import flatten
+from ._base import CurvatureArg, CurvatureOptimizer, assign, try_steps
 from .functional import loss_rounding, saddle_free_newton_step
 
 __all__ = ["SaddleFreeNewton"]

@@ -7,7 +7,8 @@ from typing import Any, Optional, cast
 import torch
 
 from .._checks import check_scalar
-from ._wrapper import Closure, WrappedOptimizer, checked_point, closure_gradient, no_grad_step, restore
+from .._closure import Closure, checked_point, gradient_at, no_grad_step
+from ._wrapper import WrappedOptimizer
 
 __all__ = ["SAM"]
 
@@ -161,13 +162,8 @@ class SAM(WrappedOptimizer):
             per_group.append(grads[offset:offset + len(ps)])
             offset += len(ps)
         saved = [p.detach().clone() for p in params]
-        try:
-            for (_, ps), es in zip(groups, self.perturbation(per_group)):
-                for p, e in zip(ps, es):
-                    p.add_(e)
-            _, sharp = closure_gradient(closure, params, "at the perturbed point (lower rho?)")
-        finally:
-            restore(params, saved)
+        epsilon = [e for es in self.perturbation(per_group) for e in es]
+        sharp = gradient_at(closure, params, saved, epsilon, "at the perturbed point (lower rho?)")
         self._set_grads(params, sharp, start.unused)
         self.base_optimizer.step()
         return loss

@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from .._checks import check_count, check_generator
-from ..linalg import diagonal
-from ..linalg._operand import Operand
-from ..linalg.diagonal import _per_entry
-from ..linalg.trace import _probe_blocks
+from ..linalg import Operand, diagonal
+from ..linalg.diagonal import per_entry_estimate
+from ..linalg.trace import probe_blocks
 from ..operators import HessianOperator
 from ..sampling import resolve_generator
 
@@ -260,7 +259,8 @@ def _hutchinson(H: HessianOperator, segments: list, num_matvecs: int,
     """Diagonal and block traces from the same Rademacher probes, with standard errors from per-probe values.
 
     The probe blocks and the per-entry mean and standard error are :func:`curvature.diagonal`'s own
-    (``_probe_blocks``, ``_per_entry``); the block sums are added to the same pass.
+    (:func:`~curvature.linalg.trace.probe_blocks`, :func:`~curvature.linalg.diagonal.per_entry_estimate`); the
+    block sums are added to the same pass.
     """
     operand = Operand(H, deferred=True)  # finiteness read once, at the end (no host read per product)
     sums = torch.zeros(operand.size, dtype=torch.float64, device=H.device)
@@ -270,7 +270,7 @@ def _hutchinson(H: HessianOperator, segments: list, num_matvecs: int,
              .to(H.device) if segments else None)
     block_sums = torch.zeros(len(segments), dtype=torch.float64, device=H.device)
     block_squares = torch.zeros_like(block_sums)
-    for V in _probe_blocks(operand, num_matvecs, "rademacher", generator):
+    for V in probe_blocks(operand, num_matvecs, "rademacher", generator):
         terms = (V * (operand @ V)).double()  # column i: v_i ⊙ H v_i, an unbiased estimate of diag(H)
         sums += terms.sum(1)
         squares += terms.pow(2).sum(1)
@@ -279,8 +279,8 @@ def _hutchinson(H: HessianOperator, segments: list, num_matvecs: int,
             blocks.index_add_(0, owner, terms[index])  # per-probe block sums: correlated entries kept together
             block_sums += blocks.sum(1)
             block_squares += blocks.pow(2).sum(1)
-    diag = _per_entry(sums, squares, num_matvecs, operand)
-    block = _per_entry(block_sums, block_squares, num_matvecs, operand)
+    diag = per_entry_estimate(sums, squares, num_matvecs, operand)
+    block = per_entry_estimate(block_sums, block_squares, num_matvecs, operand)
     return diag.value, diag.std_error, block.value, block.std_error
 
 

@@ -16,8 +16,9 @@ from .._checks import (
     common_dtype_device,
     no_graph_reason,
 )
+from .._flat import flatten, split
+from .._func import gradient, vjp_batched, vjp_columns
 from .._modes import autograd_enabled
-from ..optim._base import flatten
 from ..sampling import rademacher, resolve_generator
 
 __all__ = ["ALIGNMENT_METHODS", "hessian_alignment_penalty"]
@@ -165,9 +166,9 @@ def hessian_alignment_penalty(
             total = total + beta * sum((g - g_center).pow(2).sum() for g in flat)
         if alpha > 0:
             if method == "hgp":
-                curvatures = [_vjp(parts, params, _unflatten(g, params)) for parts, g in zip(grads, flat)]
-                at_center = _unflatten(g_center, params)
-                c_center = _center([_vjp(parts, params, at_center, graph=not detach_center) for parts in grads])
+                curvatures = [_vjp(parts, params, split(g[None], params))[0] for parts, g in zip(grads, flat)]
+                at_center = split(g_center[None], params)
+                c_center = _center([_vjp(parts, params, at_center, graph=not detach_center)[0] for parts in grads])
             else:
                 curvatures = _hutchinson_diagonals(grads, params, num_samples, resolve_generator(generator),
                                                    dtype, device)
@@ -244,16 +245,9 @@ def _check_losses(env_losses: Any) -> list[torch.Tensor]:
 
 def _gradient(loss: torch.Tensor, params: list[torch.Tensor], e: int) -> list[torch.Tensor]:
     """The per-parameter gradient of one domain's loss with its graph; zeros where a parameter is unused."""
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    check_uses_params([g is None for g in grads], f"env_losses[{e}]", "head_params")
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-
-
-def _unflatten(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Split ``(P,)`` or ``(k, P)`` into per-parameter views ``p.shape`` or ``(k, *p.shape)``."""
-    lead = flat.shape[:-1]
-    pieces = flat.split([p.numel() for p in params], dim=-1)
-    return [t.reshape(*lead, *p.shape) for t, p in zip(pieces, params)]
+    grads, unused = gradient(loss, params, create_graph=True)
+    check_uses_params(unused, f"env_losses[{e}]", "head_params")
+    return grads
 
 
 def _center(vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -269,22 +263,14 @@ def _vjp(
     batched: bool = False,
     graph: bool = True,
 ) -> torch.Tensor:
-    """``H v`` flattened (``(P,)``, or ``(k, P)`` for ``batched`` vectors), kept in the graph if ``graph``."""
-    active = [i for i, g in enumerate(grads) if g.requires_grad]
-    lead = vectors[0].shape[:1] if batched else ()
-    if not active:  # the loss is at most linear in the head: its Hessian is zero
-        return grads[0].new_zeros(*lead, sum(p.numel() for p in params))
-    products = torch.autograd.grad(
-        [grads[i] for i in active],
-        params,
-        [vectors[i] for i in active],
-        create_graph=graph,
-        retain_graph=True,
-        allow_unused=True,
-        is_grads_batched=batched,
-    )
-    parts = [p.new_zeros(*lead, *p.shape) if h is None else h for h, p in zip(products, params)]
-    return torch.cat([t.reshape(*lead, -1) for t in parts], dim=-1)
+    """``H v_j`` for ``k`` vectors (``(k, *p.shape)`` per parameter) as ``(k, P)``, kept in the graph if ``graph``.
+
+    ``batched``: one vmapped pass, which raises where vmap cannot batch an operation of the head; otherwise one
+    double-backward pass per vector.
+    """
+    if batched:
+        return flatten(vjp_batched(grads, params, vectors, create_graph=graph), batch_dims=1)
+    return flatten(vjp_columns(grads, params, vectors, vectorize=False, create_graph=graph), batch_dims=1)
 
 
 def _hutchinson_diagonals(
@@ -301,7 +287,7 @@ def _hutchinson_diagonals(
     batched: Optional[bool] = None  # decided by the first call: vmap may lack a batching rule for an op of the head
     for start in range(0, num_samples, BLOCK):
         V = rademacher((min(BLOCK, num_samples - start), size), generator, dtype, device)
-        columns = _unflatten(V, params)
+        columns = split(V, params)
         for e, parts in enumerate(grads):
             HV = None
             if batched is not False:
@@ -312,6 +298,6 @@ def _hutchinson_diagonals(
                         raise
                 batched = HV is not None
             if HV is None:  # one probe at a time
-                HV = torch.stack([_vjp(parts, params, [c[i] for c in columns]) for i in range(V.shape[0])])
+                HV = _vjp(parts, params, columns)
             sums[e] = sums[e] + (V * HV).sum(0)
     return [s / num_samples for s in sums]

@@ -15,8 +15,11 @@ from .._checks import (
     common_dtype_device,
     no_graph_reason,
 )
+from .._flat import split
+from .._func import gradient, vjp_columns
 from .._modes import autograd_enabled
 from ..sampling import probes, resolve_generator
+from .gradient_norm import _params
 
 __all__ = ["hessian_trace_penalty"]
 
@@ -80,11 +83,7 @@ def hessian_trace_penalty(
         raise TypeError(f"loss must be a scalar tensor with its graph, got {type(loss).__name__}.")
     if loss.numel() != 1:
         raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}; reduce it first.")
-    if isinstance(params, torch.Tensor):
-        raise TypeError("params must be an iterable of tensors, e.g. model.parameters() or [w, b].")
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise ValueError("params holds no tensor that requires grad.")
+    params = _params(params)
     dtype, device = common_dtype_device(params, "params")
     check_count(num_samples, "num_samples")
     check_generator(generator)
@@ -95,19 +94,12 @@ def hessian_trace_penalty(
         raise ValueError(f"the loss has no graph: {reason}; pass the loss itself.")
     generator = resolve_generator(generator)
     with autograd_enabled():
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        check_uses_params([g is None for g in grads], "the loss", "params")
-        pairs = [(g, p) for g, p in zip(grads, params) if g is not None and g.requires_grad]
-        size = sum(p.numel() for p in params)
-        V = probes("rademacher", (size, num_samples), generator, dtype, device)
-        columns = [c.T.reshape(num_samples, *p.shape) for c, p in zip(V.split([p.numel() for p in params]), params)]
-        chosen = {id(p): c for c, p in zip(columns, params)}
+        grads, unused = gradient(loss, params, create_graph=True)
+        check_uses_params(unused, "the loss", "params")
+        V = probes("rademacher", (sum(p.numel() for p in params), num_samples), generator, dtype, device)
+        vs = split(V.T, params)  # probe i of parameter p: vs[p][i]
+        hvs = vjp_columns(grads, params, vs, vectorize=False, create_graph=True)  # H v_i, one pass per probe
         total = loss.new_zeros(())
-        if not pairs:  # the loss is at most linear in params: the Hessian is zero
-            return total
         for i in range(num_samples):
-            vs = [chosen[id(p)][i] for _, p in pairs]
-            hv = torch.autograd.grad([g for g, _ in pairs], [p for _, p in pairs], vs, create_graph=True,
-                                     allow_unused=True)
-            total = total + sum((v * h).sum() for v, h in zip(vs, hv) if h is not None)
+            total = total + sum((v[i] * hv[i]).sum() for v, hv in zip(vs, hvs))
         return total / num_samples
