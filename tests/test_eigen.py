@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -215,6 +217,31 @@ def _nearest(values: torch.Tensor, spectrum: torch.Tensor) -> torch.Tensor:
     return (values[:, None] - spectrum[None, :]).abs().min(1).values
 
 
+BARELY = 0.2  # a start vector "barely touches" an eigenvector: |u·v0| / ‖v0‖ below BARELY / √P (RMS: 1 / √P)
+
+
+def _check_extreme(dense: torch.Tensor, result: Any, which: str, k: int, v0: torch.Tensor, where: str) -> int:
+    """Each value within its bound of the i-th wanted eigenvalue, unless the Krylov space skipped one the start vector
+    barely touches (the documented limit of a single-vector Krylov method: an eigenvalue whose eigenvector has a
+    start component of 6e-4 where 0.14 is typical surfaces only after more products than a loose tol needs).
+    A skipped eigenvalue with a normal start component fails. Returns the number of skipped eigenvalues."""
+    spectrum, vectors = torch.linalg.eigh(dense)
+    expected = _expected(dense, which, k)
+    error = (result.values - expected).abs()
+    if bool((error <= result.error_bounds).all()):
+        return 0
+    found = (expected[:, None] - result.values[None, :]).abs() <= result.error_bounds[None, :]
+    skipped = expected[~found.any(1)]
+    assert skipped.numel(), where
+    component = (vectors.T @ (v0.double() / v0.double().norm())).abs()
+    for value in skipped.tolist():
+        index = int((spectrum - value).abs().argmin())
+        assert float(component[index]) < BARELY / math.sqrt(dense.shape[0]), f"{where}: skipped {value:.6g}"
+    # The values returned are then eigenvalues further in, each within its bound of the nearest
+    assert bool((_nearest(result.values, spectrum) <= result.error_bounds).all()), where
+    return skipped.numel()
+
+
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
 def test_error_bounds_hold_over_the_registry(kind: str) -> None:
     """On the spectrum of every registry case, every `which`, k = 1 and 3, tol = 1e-2, 1e-4, 1e-8 (in turn),
@@ -226,9 +253,10 @@ def test_error_bounds_hold_over_the_registry(kind: str) -> None:
     null space of a GGN asked for ``which="smallest"``, see the docstring). Power iteration is checked for
     ``which="magnitude"`` on the PSD GGNs.
     """
-    runs = 0
+    runs = skipped = wanted = 0
     for i, case_name in enumerate(sorted({c for k, c in operator_cases() if k == kind})):
         A = reference(kind, case_name)
+        v0 = torch.randn(A.shape[0], dtype=torch.float64, generator=seeded(i))
         spectrum = torch.linalg.eigvalsh(A)
         configs = [("lanczos", which, k) for which in ("largest", "smallest", "magnitude") for k in (1, 3)]
         if kind == "ggn":
@@ -239,18 +267,21 @@ def test_error_bounds_hold_over_the_registry(kind: str) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a budget running out on a slow smallest
                 result = eigenvalues(op, k=k, which=which, tol=tol, generator=seeded(i), method=method,
-                                     max_matvecs=300 if method == "lanczos" else 1000)
-            runs += 1
+                                     max_matvecs=300 if method == "lanczos" else 1000,
+                                     v0=v0 if method == "lanczos" else None)
+            runs, wanted = runs + 1, wanted + k
             where = f"{case_name} {method} {which} k={k} tol={tol:g}"
             assert result.error_bounds.dtype == torch.float64 and result.error_bounds.shape == (k,)
             assert bool((_nearest(result.values, spectrum) <= result.error_bounds).all()), where
-            if not (kind == "ggn" and which == "smallest"):
+            if method == "power":
                 error = (result.values - _expected(A, which, k)).abs()
                 assert bool((error <= result.error_bounds).all()), where
+            elif not (kind == "ggn" and which == "smallest"):
+                skipped += _check_extreme(A, result, which, k, v0, where)
             if result.converged:
                 zero = result.values.abs() <= result.error_bounds  # eigenvalues zero to rounding
                 assert bool(((result.error_bounds <= tol * result.values.abs()) | zero).all()), where
-    assert runs >= 100
+    assert runs >= 100 and skipped <= 0.02 * wanted  # rare: a start component below 0.2 / √P is a 16% event
 
 
 class _PSD:
@@ -304,14 +335,21 @@ def test_half_precision_registry_converged_means_tol_met(dtype: torch.dtype) -> 
         case = make_case(case_name, dtype)
         op = OPERATORS[kind][0](case["model"], case["loss_fn"], case["data"])
         # The truth: the exact curvature of this half-precision model and data (its weights as they are).
-        exact = _expected(OPERATORS[kind][1](case["model"], case["loss_fn"], case["data"]), "largest", 2)
+        dense = OPERATORS[kind][1](case["model"], case["loss_fn"], case["data"])
         tol = HALF_TOLS[i % len(HALF_TOLS)]
+        v0 = torch.randn(op.shape[0], dtype=torch.float32, generator=seeded(i))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = eigenvalues(op, k=2, tol=tol, generator=seeded(i))
+            result = eigenvalues(op, k=2, tol=tol, v0=v0.to(dtype))
         caught = [w for w in caught if issubclass(w.category, RuntimeWarning)]  # not torch's own deprecations
         where = f"{kind} {case_name} tol={tol:g}"
         assert result.values.dtype == torch.float64 and result.vectors.dtype == dtype
+        # The two largest, or where the Krylov space skipped one the start vector barely touches, the nearest
+        skipped = _check_extreme(dense, result, "largest", 2, v0.to(dtype), where)
+        exact = _expected(dense, "largest", 2)
+        if skipped:
+            spectrum = torch.linalg.eigvalsh(dense)
+            exact = spectrum[(result.values[:, None] - spectrum[None, :]).abs().argmin(1)]
         error = (result.values - exact).abs()
         assert bool((error <= result.error_bounds).all()), where
         certify = [w for w in caught if "can certify" in str(w.message)]
