@@ -6,7 +6,8 @@ import itertools
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -24,7 +25,7 @@ from .operators.curvature import CurvatureOperator
 from .operators.registry import OPERATORS, operator_class  # noqa: F401 (OPERATORS: read here by the command)
 from .sampling import resolve_generator
 
-__all__ = ["METRICS", "MONITOR_METRICS", "SharpnessMonitor", "SharpnessReport", "sharpness"]
+__all__ = ["METRICS", "MONITOR_METRICS", "MonitorEntry", "SharpnessMonitor", "SharpnessReport", "sharpness"]
 
 METRICS = ("lambda_max", "top_k", "lambda_min", "trace", "frobenius_norm", "density")
 
@@ -218,6 +219,22 @@ def sharpness(
         >>> report.lambda_max > 0
         True
     """
+    metrics = _checked_metrics(metrics, operator, trace_method, tol, k, num_matvecs, density_probes, density_steps)
+    generator = resolve_generator(generator)
+    op = _build_operator(model, loss_fn, data, operator, params, generator, operator_kwargs)
+    if op.process_group is not None and torch.distributed.get_rank(op.process_group) != 0:
+        quiet = True  # one progress bar for a job over several processes: rank 0's
+    stages = _stages(metrics, k, tol, trace_method, num_matvecs, density_probes, density_steps, generator)
+    return _run_stages(op, operator, stages, quiet)
+
+
+def _checked_metrics(metrics: Iterable[str], operator: str, trace_method: str, tol: float, k: int,
+                     num_matvecs: int, density_probes: int, density_steps: int) -> tuple[str, ...]:
+    """Check :func:`sharpness`'s arguments before any work, in this order, and return the metrics as a tuple.
+
+    Raises:
+        ValueError: On an unknown metric, operator or trace method, or a count or ``tol`` out of range.
+    """
     metrics = tuple(metrics)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
@@ -234,13 +251,78 @@ def sharpness(
         check_count(num_matvecs, "num_matvecs", minimum=2)
     check_count(density_probes, "density_probes")
     check_count(density_steps, "density_steps")
-    generator = resolve_generator(generator)
+    return metrics
+
+
+def _build_operator(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: Any, operator: str, params: Any,
+                    generator: torch.Generator, operator_kwargs: dict[str, Any]) -> CurvatureOperator:
+    """The operator named ``operator`` from the registry; a Monte-Carlo Fisher samples its labels from ``generator``."""
     if operator == "fisher" and operator_kwargs.get("mc_samples") is not None:
         operator_kwargs = {"generator": generator, **operator_kwargs}  # the Monte-Carlo labels too
-    op = operator_class(operator)(model, loss_fn, data, params=params, **operator_kwargs)
-    if op.process_group is not None and torch.distributed.get_rank(op.process_group) != 0:
-        quiet = True  # one progress bar for a job over several processes: rank 0's
+    return operator_class(operator)(model, loss_fn, data, params=params, **operator_kwargs)
 
+
+@dataclass(frozen=True)
+class _Measured:
+    """What one stage of :func:`sharpness` measured.
+
+    Attributes:
+        values: Report fields to their values (None: computed but not asked for).
+        residuals: Residual norms of the eigenpairs, keyed as in :class:`SharpnessReport`.
+        converged: Whether each eigenvalue computation met ``tol``, keyed likewise.
+    """
+
+    values: dict[str, Any]
+    residuals: dict[str, list[float]] = field(default_factory=dict)
+    converged: dict[str, bool] = field(default_factory=dict)
+
+
+def _largest_eigenvalues(op: LinearOperator, metrics: tuple[str, ...], k: int, tol: float,
+                         generator: torch.Generator) -> _Measured:
+    """λ_max and the top ``k`` from one Lanczos run (``k`` values only when ``"top_k"`` is asked for)."""
+    count = k if "top_k" in metrics else 1
+    result = eigenvalues(op, k=count, which="largest", tol=tol, generator=generator)
+    values = {
+        "lambda_max": float(result.values[0]) if "lambda_max" in metrics else None,
+        "top_k": result.values if "top_k" in metrics else None,
+    }
+    key = "top_k" if "top_k" in metrics else "lambda_max"
+    return _Measured(values, {key: result.residuals.tolist()}, {key: result.converged})
+
+
+def _smallest_eigenvalue(op: LinearOperator, tol: float, generator: torch.Generator) -> _Measured:
+    """λ_min by Lanczos to a relative error ``tol``."""
+    result = eigenvalues(op, k=1, which="smallest", tol=tol, generator=generator)
+    return _Measured({"lambda_min": float(result.values[0])}, {"lambda_min": result.residuals.tolist()},
+                     {"lambda_min": result.converged})
+
+
+def _stages(metrics: tuple[str, ...], k: int, tol: float, trace_method: str, num_matvecs: int, density_probes: int,
+            density_steps: int, generator: torch.Generator) -> dict[str, Callable[[LinearOperator], _Measured]]:
+    """The stages the metrics need, in the order they run, each a function of the (tracked) operator.
+
+    ``"lambda_max"`` and ``"top_k"`` share one stage, ``"eigenvalues"``; every other metric is its own stage.
+    """
+    every: dict[str, Callable[[LinearOperator], _Measured]] = {
+        "eigenvalues": lambda op: _largest_eigenvalues(op, metrics, k, tol, generator),
+        "lambda_min": lambda op: _smallest_eigenvalue(op, tol, generator),
+        "trace": lambda op: _Measured(
+            {"trace": trace(op, method=trace_method, num_matvecs=num_matvecs, generator=generator)}
+        ),
+        "frobenius_norm": lambda op: _Measured(
+            {"frobenius_norm": frobenius_norm(op, num_matvecs=num_matvecs, generator=generator)}
+        ),
+        "density": lambda op: _Measured(
+            {"density": spectral_density(op, num_probes=density_probes, num_steps=density_steps, generator=generator)}
+        ),
+    }
+    wanted = {"eigenvalues": "lambda_max" in metrics or "top_k" in metrics}
+    return {stage: run for stage, run in every.items() if wanted.get(stage, stage in metrics)}
+
+
+def _run_stages(op: CurvatureOperator, operator: str, stages: dict[str, Callable[[LinearOperator], _Measured]],
+                quiet: bool) -> SharpnessReport:
+    """Run the stages on ``op`` behind one progress bar, counting each stage's products and seconds."""
     from tqdm.auto import tqdm
 
     values: dict[str, Any] = {}
@@ -248,35 +330,16 @@ def sharpness(
     converged: dict[str, bool] = {}
     num_products: dict[str, int] = {}
     seconds: dict[str, float] = {}
-    stages = []
-    if "lambda_max" in metrics or "top_k" in metrics:
-        stages.append("eigenvalues")
-    stages += [m for m in ("lambda_min", "trace", "frobenius_norm", "density") if m in metrics]
     start_all = time.perf_counter()
     with tqdm(desc="sharpness", unit="product", delay=2.0, disable=quiet, leave=False) as bar:
         tracked = _Progress(op, bar)
-        for stage in stages:
+        for stage, measure in stages.items():
             bar.set_postfix_str(stage, refresh=False)
             before, start = tracked.num_matvecs, time.perf_counter()
-            if stage == "eigenvalues":
-                count = k if "top_k" in metrics else 1
-                result = eigenvalues(tracked, k=count, which="largest", tol=tol, generator=generator)
-                values["lambda_max"] = float(result.values[0]) if "lambda_max" in metrics else None
-                values["top_k"] = result.values if "top_k" in metrics else None
-                key = "top_k" if "top_k" in metrics else "lambda_max"
-                residuals[key], converged[key] = result.residuals.tolist(), result.converged
-            elif stage == "lambda_min":
-                result = eigenvalues(tracked, k=1, which="smallest", tol=tol, generator=generator)
-                values["lambda_min"] = float(result.values[0])
-                residuals["lambda_min"], converged["lambda_min"] = result.residuals.tolist(), result.converged
-            elif stage == "trace":
-                values["trace"] = trace(tracked, method=trace_method, num_matvecs=num_matvecs, generator=generator)
-            elif stage == "frobenius_norm":
-                values["frobenius_norm"] = frobenius_norm(tracked, num_matvecs=num_matvecs, generator=generator)
-            else:
-                values["density"] = spectral_density(
-                    tracked, num_probes=density_probes, num_steps=density_steps, generator=generator
-                )
+            measured = measure(tracked)
+            values.update(measured.values)
+            residuals.update(measured.residuals)
+            converged.update(measured.converged)
             num_products[stage] = tracked.num_matvecs - before
             seconds[stage] = time.perf_counter() - start
     num_products["total"] = tracked.num_matvecs
@@ -288,6 +351,77 @@ def sharpness(
 
 
 MONITOR_METRICS = ("lambda_max", "lambda_min", "trace")
+
+
+@dataclass(frozen=True, eq=False)
+class MonitorEntry(Mapping[str, Any]):
+    """One measurement of :class:`~curvature.SharpnessMonitor`: an entry of its ``history``.
+
+    Read it by attribute (``entry.lambda_max``) or as a read-only mapping of the values it holds, as the dict it
+    replaces was read (``entry["lambda_max"]``, ``dict(entry)``; two entries compare as mappings). The keys are
+    ``step``, ``residuals``, each measured metric in the monitor's order (``trace`` followed by
+    ``trace_std_error``; ``converged`` after the first eigenvalue), ``num_matvecs`` and ``seconds``, then the
+    values attached with ``entry[key] = value`` (``entry["loss"] = loss.item()`` in a training loop); the measured
+    values themselves cannot be replaced.
+
+    Attributes:
+        step: The monitor's call count when it measured (1 at the first call).
+        metrics: The metrics measured, in the monitor's order.
+        num_matvecs: Products spent on this measurement.
+        seconds: Wall time of this measurement.
+        residuals: The residual norm of each eigenvalue, by metric (empty when only ``"trace"`` is tracked).
+        converged: Whether each eigenvalue met ``tol``, by metric (empty when only ``"trace"`` is tracked).
+        lambda_max: The largest eigenvalue, or None when not tracked.
+        lambda_min: The smallest eigenvalue, or None when not tracked.
+        trace: Hutchinson's trace estimate, or None when not tracked.
+        trace_std_error: The standard error of ``trace``, or None when not tracked.
+        notes: The values attached with ``entry[key] = value``, by key.
+    """
+
+    step: int
+    metrics: tuple[str, ...]
+    num_matvecs: int
+    seconds: float
+    residuals: dict[str, float] = field(default_factory=dict)
+    converged: dict[str, bool] = field(default_factory=dict)
+    lambda_max: float | None = None
+    lambda_min: float | None = None
+    trace: float | None = None
+    trace_std_error: float | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def _measured(self) -> list[str]:
+        """The keys of the measured values, in the order the monitor always wrote them."""
+        keys = ["step", "residuals"]
+        for metric in self.metrics:
+            for key in ("trace", "trace_std_error") if metric == "trace" else (metric, "converged"):
+                if key not in keys:
+                    keys.append(key)
+        return keys + ["num_matvecs", "seconds"]
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._measured():
+            return getattr(self, key)
+        return self.notes[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._measured() + list(self.notes))
+
+    def __len__(self) -> int:
+        return len(self._measured()) + len(self.notes)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        """Attach a value of your own to the entry (kept in ``notes``, and read back as ``entry[key]``).
+
+        Raises:
+            TypeError: If ``key`` names a measured value or a field of the entry: those are read-only.
+        """
+        if key in {f.name for f in fields(self)}:
+            raise TypeError(
+                f"entry[{key!r}] is the monitor's and read-only; attach values of your own under another key, "
+                "e.g. entry['loss'] = loss.item()."
+            )
+        self.notes[key] = value
 
 
 class SharpnessMonitor:
@@ -303,8 +437,9 @@ class SharpnessMonitor:
       ``benchmarks/monitor.py``).
     - ``"trace"``: Hutchinson's estimate with ``num_matvecs`` probes.
 
-    Each measurement is appended to ``history`` (step, values, residuals, products, seconds). The model,
-    its ``.grad``, buffers and train/eval mode are left as they were, and the global random stream is never
+    Each measurement is appended to ``history`` as a :class:`~curvature.sharpness.MonitorEntry` (step, values,
+    residuals, products, seconds; read by attribute or as a mapping). The model, its ``.grad``, buffers and
+    train/eval mode are left as they were, and the global random stream is never
     touched: random start vectors and probes come from ``generator`` (None: a private copy of the global
     generator, taken once at construction). A model whose forward pass is random or changes buffers in train
     mode (dropout, batch norm) is refused by the operator; pass ``eval_mode=True`` to measure it in eval mode
@@ -359,6 +494,8 @@ class SharpnessMonitor:
         ...     record = monitor.step()
         >>> [entry["step"] for entry in monitor.history]
         [1, 6]
+        >>> monitor.history[-1].step, monitor.history[-1].lambda_max > 0
+        (6, True)
     """
 
     def __init__(
@@ -393,7 +530,7 @@ class SharpnessMonitor:
         self.operator, self.operator_kwargs = operator, operator_kwargs
         self.warm_start, self.eval_mode = warm_start, eval_mode
         self.generator = resolve_generator(generator)
-        self.history: list[dict[str, Any]] = []
+        self.history: list[MonitorEntry] = []
         self.calls = 0
         self.total_matvecs = 0
         self._vectors: dict[str, torch.Tensor] = {}
@@ -416,7 +553,7 @@ class SharpnessMonitor:
             self._op, self._vectors = self._build_operator(), {}
         return self._op
 
-    def step(self) -> dict[str, Any] | None:
+    def step(self) -> MonitorEntry | None:
         """Count one training step; measure when it is due.
 
         Returns:
@@ -427,33 +564,36 @@ class SharpnessMonitor:
             return None
         return self.measure()
 
-    def measure(self) -> dict[str, Any]:
+    def measure(self) -> MonitorEntry:
         """Measure now (whatever the step count) and append the result to ``history``.
 
         Returns:
             The entry: ``step``, each metric's value, ``residuals``, ``num_matvecs`` and ``seconds``.
         """
         start = time.perf_counter()
+        values: dict[str, float] = {}
+        residuals: dict[str, float] = {}
+        converged: dict[str, bool] = {}
         with eval_mode(self.model, enabled=self.eval_mode):
             op = self._operator()
             before = op.num_matvecs
-            entry: dict[str, Any] = {"step": self.calls, "residuals": {}}
             for metric in self.metrics:
                 if metric == "trace":
                     estimate = trace(op, num_matvecs=self.num_matvecs, generator=self.generator)
-                    entry["trace"], entry["trace_std_error"] = estimate.value, estimate.std_error
+                    values["trace"], values["trace_std_error"] = estimate.value, estimate.std_error
                     continue
                 which = "largest" if metric == "lambda_max" else "smallest"
                 v0 = self._vectors.get(metric) if self.warm_start else None
                 result = eigenvalues(op, k=1, which=which, tol=self.tol, generator=self.generator, v0=v0)
                 self._vectors[metric] = result.vectors[:, 0].detach().clone()
-                entry[metric] = float(result.values[0])
-                entry["residuals"][metric] = float(result.residuals[0])
-                entry.setdefault("converged", {})[metric] = bool(result.converged)
+                values[metric] = float(result.values[0])
+                residuals[metric] = float(result.residuals[0])
+                converged[metric] = bool(result.converged)
         op.clear_cache()  # the parameters change before the next measurement: keep no graph alive meanwhile
-        entry["num_matvecs"] = op.num_matvecs - before
-        entry["seconds"] = time.perf_counter() - start
-        self.total_matvecs += entry["num_matvecs"]
+        num_matvecs = op.num_matvecs - before
+        entry = MonitorEntry(step=self.calls, metrics=self.metrics, num_matvecs=num_matvecs,
+                             seconds=time.perf_counter() - start, residuals=residuals, converged=converged, **values)
+        self.total_matvecs += entry.num_matvecs
         self.history.append(entry)
         return entry
 

@@ -23,8 +23,9 @@ average out. Measured with Hutchinson and 100 Rademacher products on the registr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Iterator, Union
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -240,15 +241,57 @@ def _hutchpp(operand: Operand, m: int, distribution: str, generator: torch.Gener
     return _mean_estimate(torch.cat(samples), operand, offset=low_rank)
 
 
-def xtrace_samples(operand: Operand, n: int, distribution: str, generator: torch.Generator | None) -> dict:
+@dataclass(frozen=True, eq=False)
+class XTraceSketch(Mapping[str, Optional[torch.Tensor]]):
     """The ingredients shared by XTrace and XDiag: probes, sketch, basis and the leave-one-out downdates.
 
-    Returns a dict with ``Om`` (probes ``(P, n)``), ``Y = A Ω``, ``Q`` and ``R`` with ``Y = Q R``, ``Z = A Q``,
-    and ``S`` (unit columns of ``R^{-T}``: ``Q S_i`` spans the part of ``range(Q)`` that drops out when column
-    ``i`` of ``Ω`` is left out). ``Ω`` itself has full column rank (random signs can repeat a column when
-    ``n`` is close to ``P``; such a draw is replaced before any product). When ``A Ω`` is nevertheless
-    numerically rank deficient, ``A`` has rank below ``n`` (almost surely), ``Q`` spans its range, which holds
-    all of ``A``, and ``S`` is None.
+    Read by attribute (``sketch.Q``) or as a read-only mapping from these names (``sketch["Q"]``), as the dict
+    it replaces was read.
+
+    Attributes:
+        Om: The probes ``Ω``, ``(P, n)``, of full column rank.
+        Y: The sketch ``Y = A Ω``.
+        Q: An orthonormal basis of ``range(Y)`` (of the numerical range when ``Y`` is rank deficient).
+        R: ``R = Qᵀ Y`` (``Y = Q R``).
+        Z: ``Z = A Q``.
+        S: Unit columns of ``R^{-T}``: ``Q S_i`` spans the part of ``range(Q)`` that drops out when column ``i``
+            of ``Ω`` is left out; None when ``Y`` is numerically rank deficient (``Q`` then spans all of ``A``'s
+            range).
+    """
+
+    Om: torch.Tensor
+    Y: torch.Tensor
+    Q: torch.Tensor
+    R: torch.Tensor
+    Z: torch.Tensor
+    S: Optional[torch.Tensor]
+
+    def __getitem__(self, key: str) -> Optional[torch.Tensor]:
+        if key not in self._names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def xtrace_samples(operand: Operand, n: int, distribution: str, generator: torch.Generator | None) -> XTraceSketch:
+    """Draw ``n`` probes, sketch ``A`` with them and prepare XTrace's and XDiag's leave-one-out downdates.
+
+    ``Ω`` has full column rank (random signs can repeat a column when ``n`` is close to ``P``; such a draw is
+    replaced before any product). When ``A Ω`` is nevertheless numerically rank deficient, ``A`` has rank below
+    ``n`` (almost surely), ``Q`` spans its range, which holds all of ``A``, and ``S`` is None. Products:
+    ``n`` for ``Y`` and ``rank(Y)`` for ``Z``.
+
+    Returns:
+        An :class:`XTraceSketch` (``Om``, ``Y``, ``Q``, ``R``, ``Z``, ``S``).
     """
     Om = _full_rank_probes(operand, n, distribution, generator)
     Y = operand @ Om
@@ -265,7 +308,7 @@ def xtrace_samples(operand: Operand, n: int, distribution: str, generator: torch
         Rinv_T = torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype, device=R.device), upper=True).T
         S = Rinv_T / Rinv_T.norm(dim=0)
     Z = operand @ Q if Q.shape[1] else Q.clone()
-    return {"Om": Om, "Y": Y, "Q": Q, "R": R, "Z": Z, "S": S}
+    return XTraceSketch(Om=Om, Y=Y, Q=Q, R=R, Z=Z, S=S)
 
 
 def _full_rank_probes(operand: Operand, n: int, distribution: str, generator: torch.Generator) -> torch.Tensor:
@@ -279,8 +322,8 @@ def _full_rank_probes(operand: Operand, n: int, distribution: str, generator: to
 
 def _xtrace(operand: Operand, m: int, distribution: str, generator: torch.Generator | None) -> Estimate:
     n = min(m // 2, operand.size)
-    parts = xtrace_samples(operand, n, distribution, generator)
-    Om, Y, Q, R, Z, S = (parts[key] for key in ("Om", "Y", "Q", "R", "Z", "S"))
+    sketch = xtrace_samples(operand, n, distribution, generator)
+    Om, Y, Q, R, Z, S = sketch.Om, sketch.Y, sketch.Q, sketch.R, sketch.Z, sketch.S
     H = Q.T @ Z
     W = Q.T @ Om
     M = Om.T @ Z  # row i: ω_iᵀ A Q

@@ -10,9 +10,19 @@ into ``.grad`` and let it step.
 
 from . import functional
 from .gradient_regularization import GradientRegularization
-from .hessian_free import HessianFree
-from .regularized_newton import RegularizedNewton
-from .saddle_free import SaddleFreeNewton
+from .hessian_free import HessianFree, HessianFreeState
+from .regularized_newton import RegularizedNewton, RegularizedNewtonState
+from .saddle_free import SaddleFreeNewton, SaddleFreeNewtonState
 from .sam import SAM
 
-__all__ = ["SAM", "GradientRegularization", "HessianFree", "RegularizedNewton", "SaddleFreeNewton", "functional"]
+__all__ = [
+    "SAM",
+    "GradientRegularization",
+    "HessianFree",
+    "HessianFreeState",
+    "RegularizedNewton",
+    "RegularizedNewtonState",
+    "SaddleFreeNewton",
+    "SaddleFreeNewtonState",
+    "functional",
+]

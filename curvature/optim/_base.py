@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from typing import Any, Callable, Optional, Union, cast
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any, Callable, Optional, TypeVar, Union, cast
 
 import torch
 
@@ -30,9 +32,46 @@ from .._checks import check_count, check_scalar, common_dtype_device
 from .._closure import Closure, Point, evaluate, no_grad_step
 from ..operators import CurvatureOperator, LinearOperator
 
-__all__ = ["CurvatureArg", "CurvatureOptimizer", "Point", "evaluate", "no_grad_step", "try_steps"]
+__all__ = ["CurvatureArg", "CurvatureOptimizer", "Point", "StateRecord", "evaluate", "no_grad_step", "try_steps"]
 
 CurvatureArg = Union[str, Callable[[list[torch.Tensor]], Any]]
+Record = TypeVar("Record", bound="StateRecord")
+
+
+class StateRecord:
+    """Base of the frozen dataclasses that name what an optimizer keeps per parameter group between steps.
+
+    torch keeps an optimizer's state as plain dicts of tensors and numbers (``state_dict`` saves them,
+    ``load_state_dict`` and ``torch.load(..., weights_only=True)`` read them back), so a record is never stored
+    itself: it is read from, and written into, the group's state dict entry by entry under its field names,
+    and ``state_dict`` round trips are those of the dicts.
+    """
+
+    @classmethod
+    def read(cls: type[Record], state: Mapping[str, Any], **initial: Any) -> Record:
+        """The record the last step wrote into ``state``.
+
+        Args:
+            state: The group's state dict (``optimizer.state[first_param]``).
+            **initial: Values for the entries not in ``state`` (before the first step), by field name; other
+                missing entries take the field's default.
+
+        Returns:
+            The record.
+        """
+        written = {f.name: state[f.name] for f in fields(cast(Any, cls)) if f.name in state}
+        return cls(**{**initial, **written})
+
+    def write(self, state: dict[str, Any]) -> None:
+        """Write every field that is not None into ``state`` under its name, in field order.
+
+        Args:
+            state: The group's state dict (``optimizer.state[first_param]``).
+        """
+        for f in fields(cast(Any, self)):
+            value = getattr(self, f.name)
+            if value is not None:
+                state[f.name] = value
 
 
 @torch.no_grad()

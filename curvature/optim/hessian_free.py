@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -9,10 +10,37 @@ import torch
 from .._checks import check_count, check_scalar
 from .._closure import Closure
 from .._flat import flatten
-from ._base import CurvatureArg, CurvatureOptimizer, try_steps
+from ._base import CurvatureArg, CurvatureOptimizer, StateRecord, try_steps
 from .functional import hessian_free_step, levenberg_marquardt_damping, loss_rounding, quadratic_model
 
-__all__ = ["HessianFree"]
+__all__ = ["HessianFree", "HessianFreeState"]
+
+
+@dataclass(frozen=True)
+class HessianFreeState(StateRecord):
+    r"""What :class:`HessianFree` keeps per parameter group, as entries of ``optimizer.state[first_param]``.
+
+    ``HessianFreeState.read(optimizer.state[p])`` reads them (``p``: the group's first trainable parameter);
+    the state itself stays a dict, so ``state_dict`` round trips are torch's.
+
+    Attributes:
+        damping: The damping :math:`\lambda` of the next step.
+        direction: The last step's direction :math:`d` (the next CG's warm start), flat in the curvature's
+            parameter order.
+        step: The steps taken.
+        num_matvecs: The curvature products spent over all steps.
+        cg_iterations: CG's iterations in the last step.
+        step_length: The step length :math:`\alpha` taken by the last step (0 when no trial was accepted).
+        reduction_ratio: The last step's :math:`\rho` (NaN when the model predicted no decrease).
+    """
+
+    damping: Optional[float] = None
+    direction: Optional[torch.Tensor] = None
+    step: int = 0
+    num_matvecs: int = 0
+    cg_iterations: Optional[int] = None
+    step_length: Optional[float] = None
+    reduction_ratio: Optional[float] = None
 
 
 class HessianFree(CurvatureOptimizer):
@@ -118,10 +146,11 @@ class HessianFree(CurvatureOptimizer):
     def _group_step(self, group: dict[str, Any], params: list[torch.Tensor], closure: Closure) -> torch.Tensor:
         start, op, params = self._prepare(closure, params)
         state = self._group_state(params)
-        damping = float(state.get("damping", group["damping"]))
+        last = HessianFreeState.read(state, damping=group["damping"])
+        damping = float(last.damping)
         grad = start.grad
         x0 = None
-        previous = state.get("direction")
+        previous = last.direction
         if previous is not None and group["warm_start"] > 0 and previous.shape == grad.shape:
             x0 = group["warm_start"] * previous  # (a group whose trainable set changed starts CG from zero)
         step = hessian_free_step(op, grad, damping, x0=x0, tol=group["cg_tol"], max_iter=group["cg_max_iter"])
@@ -145,11 +174,9 @@ class HessianFree(CurvatureOptimizer):
             damping = levenberg_marquardt_damping(
                 damping, ratio, group["damping_increase"], group["damping_decrease"], group["min_damping"]
             )
-        state["damping"] = damping
-        state["direction"] = step.direction
-        state["step"] = int(state.get("step", 0)) + 1
-        state["num_matvecs"] = int(state.get("num_matvecs", 0)) + step.num_matvecs
-        state["cg_iterations"] = step.iterations
-        state["step_length"] = alpha
-        state["reduction_ratio"] = ratio
+        HessianFreeState(
+            damping=damping, direction=step.direction, step=int(last.step) + 1,
+            num_matvecs=int(last.num_matvecs) + step.num_matvecs, cg_iterations=step.iterations, step_length=alpha,
+            reduction_ratio=ratio,
+        ).write(state)
         return start.loss

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -11,10 +12,34 @@ import torch
 from .._checks import check_count
 from .._closure import Closure, evaluate
 from .._flat import flatten
-from ._base import CurvatureArg, CurvatureOptimizer, assign
+from ._base import CurvatureArg, CurvatureOptimizer, StateRecord, assign
 from .functional import loss_rounding, regularized_newton_accepts, regularized_newton_step
 
-__all__ = ["RegularizedNewton"]
+__all__ = ["RegularizedNewton", "RegularizedNewtonState"]
+
+
+@dataclass(frozen=True)
+class RegularizedNewtonState(StateRecord):
+    r"""What :class:`RegularizedNewton` keeps per parameter group, as entries of ``optimizer.state[first_param]``.
+
+    ``RegularizedNewtonState.read(optimizer.state[p])`` reads them (``p``: the group's first trainable
+    parameter); the state itself stays a dict, so ``state_dict`` round trips are torch's.
+
+    Attributes:
+        gamma: :math:`\gamma` of the next step; None (not kept) in the ``lipschitz`` form.
+        lipschitz: :math:`L` of the next step in the ``lipschitz`` form; None (not kept) otherwise.
+        step: The steps taken.
+        num_matvecs: The curvature products spent over all steps.
+        attempts: The solves of the last step.
+        regularization: The last attempt's :math:`\lambda = \|g\| / \gamma` (0 when the gradient was zero).
+    """
+
+    gamma: Optional[float] = None
+    lipschitz: Optional[float] = None
+    step: int = 0
+    num_matvecs: int = 0
+    attempts: Optional[int] = None
+    regularization: Optional[float] = None
 
 
 class RegularizedNewton(CurvatureOptimizer):
@@ -107,8 +132,9 @@ class RegularizedNewton(CurvatureOptimizer):
         first_loss = start.loss
         state = self._group_state(params)
         lipschitz_form = group["lipschitz"] is not None
-        gamma = float(state.get("gamma", group["gamma"]))
-        lipschitz = float(state.get("lipschitz", group["lipschitz"] or 0.0))
+        last = RegularizedNewtonState.read(state, gamma=group["gamma"], lipschitz=group["lipschitz"] or 0.0)
+        gamma = float(last.gamma)
+        lipschitz = float(last.lipschitz)
         grad_norm = float(start.grad.norm())
         origin = flatten(p.detach() for p in params).clone()
         x0: Optional[torch.Tensor] = None
@@ -150,12 +176,9 @@ class RegularizedNewton(CurvatureOptimizer):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        if lipschitz_form:
-            state["lipschitz"] = lipschitz
-        else:
-            state["gamma"] = gamma
-        state["step"] = int(state.get("step", 0)) + 1
-        state["num_matvecs"] = int(state.get("num_matvecs", 0)) + matvecs
-        state["attempts"] = attempts
-        state["regularization"] = regularization
+        RegularizedNewtonState(
+            gamma=None if lipschitz_form else gamma, lipschitz=lipschitz if lipschitz_form else None,
+            step=int(last.step) + 1, num_matvecs=int(last.num_matvecs) + matvecs, attempts=attempts,
+            regularization=regularization,
+        ).write(state)
         return first_loss

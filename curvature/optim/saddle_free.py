@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
 from .._checks import check_count
 from .._closure import Closure
 from .._flat import flatten
-from ._base import CurvatureArg, CurvatureOptimizer, assign, try_steps
+from ._base import CurvatureArg, CurvatureOptimizer, StateRecord, assign, try_steps
 from .functional import loss_rounding, saddle_free_newton_step
 
-__all__ = ["SaddleFreeNewton"]
+__all__ = ["SaddleFreeNewton", "SaddleFreeNewtonState"]
+
+
+@dataclass(frozen=True)
+class SaddleFreeNewtonState(StateRecord):
+    r"""What :class:`SaddleFreeNewton` keeps per parameter group, as entries of ``optimizer.state[first_param]``.
+
+    ``SaddleFreeNewtonState.read(optimizer.state[p])`` reads them (``p``: the group's first trainable
+    parameter); the state itself stays a dict, so ``state_dict`` round trips are torch's.
+
+    Attributes:
+        step: The steps taken.
+        num_matvecs: The curvature products spent over all steps.
+        step_length: The step length :math:`\alpha` taken by the last step (0 when no trial was accepted).
+        min_ritz_value: The smallest Ritz value of the last step's Krylov space (NaN when it was empty).
+    """
+
+    step: int = 0
+    num_matvecs: int = 0
+    step_length: Optional[float] = None
+    min_ritz_value: Optional[float] = None
 
 
 class SaddleFreeNewton(CurvatureOptimizer):
@@ -92,6 +113,7 @@ class SaddleFreeNewton(CurvatureOptimizer):
     def _group_step(self, group: dict[str, Any], params: list[torch.Tensor], closure: Closure) -> torch.Tensor:
         start, op, params = self._prepare(closure, params)
         state = self._group_state(params)
+        last = SaddleFreeNewtonState.read(state)
         step = saddle_free_newton_step(op, start.grad, num_steps=group["krylov_dim"], damping=group["damping"])
         origin = flatten(p.detach() for p in params).clone()
         alpha = float(group["lr"])
@@ -102,8 +124,8 @@ class SaddleFreeNewton(CurvatureOptimizer):
                                  lambda value, a: value <= start.value + 1e-4 * a * slope + slack)
         else:
             assign(params, origin + alpha * step.direction)
-        state["step"] = int(state.get("step", 0)) + 1
-        state["num_matvecs"] = int(state.get("num_matvecs", 0)) + step.num_matvecs
-        state["step_length"] = alpha
-        state["min_ritz_value"] = float(step.ritz_values[0]) if step.ritz_values.numel() else float("nan")
+        SaddleFreeNewtonState(
+            step=int(last.step) + 1, num_matvecs=int(last.num_matvecs) + step.num_matvecs, step_length=alpha,
+            min_ritz_value=float(step.ritz_values[0]) if step.ritz_values.numel() else float("nan"),
+        ).write(state)
         return start.loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -18,7 +19,7 @@ SCOPES = ("global", "layer")
 
 def prune(
     model: nn.Module,
-    scores: dict[str, torch.Tensor],
+    scores: Mapping[str, torch.Tensor],
     amount: float,
     scope: str = "global",
     structured: Optional[bool] = None,
@@ -55,7 +56,7 @@ def prune(
         The masks now in place (combined with earlier ones), name to a 0/1 tensor of the weight's shape.
 
     Raises:
-        TypeError: If ``scores`` is not a dict of tensors.
+        TypeError: If ``scores`` is not a dict (a mapping) of tensors.
         ValueError: If ``amount`` is outside ``[0, 1)``, ``scope`` is unknown, ``scores`` is empty or names
             something that is not the weight of a ``nn.Linear``/``nn.Conv`` layer of the model or a weight tied
             to another layer, a score has the wrong shape, the scores mix granularities, ``structured``
@@ -69,47 +70,82 @@ def prune(
         >>> masks["0.weight"].sum(1).tolist(), model[0].bias.abs().tolist()[:3]
         ([0.0, 0.0, 0.0, 4.0, 4.0, 4.0], [0.0, 0.0, 0.0])
     """
+    amount = _checked_options(amount, scope, scores)
+    layers, kinds = {}, set()
+    modules = dict(model.named_modules())
+    for name, score in scores.items():
+        module, vector, unit = _candidate(name, score, modules)
+        layers[name] = (module, vector)
+        kinds.add(unit)
+    kind = _granularity(kinds, scope, structured)
+    keep = _select(layers, amount, scope, kind, allow_empty_layers)
+    return _apply_masks(layers, keep, kind)
+
+
+def _checked_options(amount: float, scope: str, scores: Any) -> float:
+    """Check ``amount``, ``scope`` and the type of ``scores`` (in this order); return ``amount`` as a float.
+
+    Raises:
+        TypeError: If ``scores`` is not a mapping of tensors.
+        ValueError: If ``amount`` is outside ``[0, 1)``, ``scope`` is unknown or ``scores`` is empty.
+    """
     amount = check_scalar(amount, "amount")
     if not 0 <= amount < 1:
         raise ValueError(f"amount must be in [0, 1) (the fraction to prune), got {amount}.")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}.")
-    if not isinstance(scores, dict) or not all(isinstance(v, torch.Tensor) for v in scores.values()):
+    if not isinstance(scores, Mapping) or not all(isinstance(v, torch.Tensor) for v in scores.values()):
         raise TypeError("scores must be a dict from '<module>.weight' to a tensor of scores.")
     if not scores:
         raise ValueError("scores is empty: no layer is a candidate for pruning.")
-    layers, kinds = {}, set()
-    modules = dict(model.named_modules())
-    for name, score in scores.items():
-        module_name, _, attr = name.rpartition(".")
-        module = modules.get(module_name)
-        if attr != "weight" or not isinstance(module, PRUNABLE):
-            raise ValueError(
-                f"scores names {name!r}, which is not the weight of an nn.Linear or nn.Conv1d/2d/3d layer of the "
-                "model; prune scores the weights of such layers."
-            )
-        weight = module.weight
-        if score.shape == weight.shape:
-            kinds.add("weight")
-        elif score.shape == weight.shape[:1]:
-            kinds.add("channel")
-        elif score.dim() == 0:
-            kinds.add("layer")
-        else:
-            raise ValueError(
-                f"scores[{name!r}] has shape {tuple(score.shape)}; use the weight's shape {tuple(weight.shape)} "
-                f"(weights), ({weight.shape[0]},) (output channels) or () (the layer)."
-            )
-        if not bool(torch.isfinite(score).all()):
-            raise ValueError(f"scores[{name!r}] holds NaN or Inf.")
-        own = getattr(module, "weight_orig", module.weight)
-        if any(other is not module and getattr(other, "weight_orig", getattr(other, "weight", None)) is own
-               for other in modules.values()):
-            raise ValueError(
-                f"{name!r} is tied to another layer's weight; torch.nn.utils.prune cannot mask a tied weight in "
-                "both places, so leave it out of the scores."
-            )
-        layers[name] = (module, score.detach().to("cpu", torch.float64).reshape(-1))
+    return amount
+
+
+def _candidate(name: str, score: torch.Tensor, modules: dict[str, nn.Module]) -> tuple[nn.Module, torch.Tensor, str]:
+    """The layer ``name`` scores, its scores as a float64 CPU vector, and their granularity.
+
+    Raises:
+        ValueError: If ``name`` is not the weight of a prunable layer, the score's shape fits no granularity, it
+            is not finite, or the weight is tied to another layer's.
+    """
+    module_name, _, attr = name.rpartition(".")
+    module = modules.get(module_name)
+    if attr != "weight" or not isinstance(module, PRUNABLE):
+        raise ValueError(
+            f"scores names {name!r}, which is not the weight of an nn.Linear or nn.Conv1d/2d/3d layer of the "
+            "model; prune scores the weights of such layers."
+        )
+    weight = module.weight
+    if score.shape == weight.shape:
+        kind = "weight"
+    elif score.shape == weight.shape[:1]:
+        kind = "channel"
+    elif score.dim() == 0:
+        kind = "layer"
+    else:
+        raise ValueError(
+            f"scores[{name!r}] has shape {tuple(score.shape)}; use the weight's shape {tuple(weight.shape)} "
+            f"(weights), ({weight.shape[0]},) (output channels) or () (the layer)."
+        )
+    if not bool(torch.isfinite(score).all()):
+        raise ValueError(f"scores[{name!r}] holds NaN or Inf.")
+    own = getattr(module, "weight_orig", module.weight)
+    if any(other is not module and getattr(other, "weight_orig", getattr(other, "weight", None)) is own
+           for other in modules.values()):
+        raise ValueError(
+            f"{name!r} is tied to another layer's weight; torch.nn.utils.prune cannot mask a tied weight in "
+            "both places, so leave it out of the scores."
+        )
+    return module, score.detach().to("cpu", torch.float64).reshape(-1), kind
+
+
+def _granularity(kinds: set[str], scope: str, structured: Optional[bool]) -> str:
+    """The one granularity of all the scores, checked against ``scope`` and ``structured``.
+
+    Raises:
+        ValueError: If the scores mix granularities, per-layer scores come with ``scope="layer"``, or
+            ``structured`` contradicts the scores.
+    """
     if len(kinds) > 1:
         raise ValueError(f"the scores mix granularities {sorted(kinds)}; score every layer the same way.")
     kind = kinds.pop()
@@ -120,7 +156,15 @@ def prune(
             f"structured={structured} but the scores are per {kind}; pass channel scores (shape (out,)) for "
             "structured pruning and weight-shaped scores for unstructured pruning."
         )
-    keep = _select(layers, amount, scope, kind, allow_empty_layers)
+    return kind
+
+
+def _apply_masks(layers: dict[str, Any], keep: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """Mask every layer's pruned units through ``prune.custom_from_mask`` (a channel's bias entry with it).
+
+    Returns:
+        The masks now in place (combined with earlier ones), name to a 0/1 tensor of the weight's shape.
+    """
     masks = {}
     for name, (module, _) in layers.items():
         weight = module.weight

@@ -2,7 +2,8 @@ r"""Second-order sensitivities for pruning: Hessian-aware pruning (HAP), Optimal
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -22,14 +23,17 @@ GRANULARITIES = ("weight", "channel", "layer")
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class Sensitivity(dict):
+@dataclass(frozen=True, eq=False)
+class Sensitivity(Mapping[str, torch.Tensor]):
     """Scores per weight tensor name, with what they were computed from.
 
-    A ``dict`` mapping ``"<module>.weight"`` to scores (the weight's shape for ``"weight"``, ``(out,)`` for
-    ``"channel"``, a 0-d tensor for ``"layer"``), so it plugs into :func:`curvature.pruning.prune` and into
-    any script that ranks tensors. Attributes:
+    A read-only mapping from ``"<module>.weight"`` to scores (the weight's shape for ``"weight"``, ``(out,)`` for
+    ``"channel"``, a 0-d tensor for ``"layer"``), so it plugs into :func:`curvature.pruning.prune` and into any
+    script that ranks tensors (``scores["conv1.weight"]``, ``scores.items()``, ``dict(scores)`` for a copy to
+    edit).
 
     Attributes:
+        scores: The scores, by weight tensor name (what the mapping reads).
         method: ``"hap"``, ``"obd"`` or ``"magnitude"``.
         granularity: ``"weight"``, ``"channel"`` or ``"layer"``.
         traces: For HAP, the Hessian trace of every structure (same shapes as the scores); else empty.
@@ -41,13 +45,22 @@ class Sensitivity(dict):
         num_matvecs: Hessian-vector products spent.
     """
 
-    def __init__(self, scores: dict[str, torch.Tensor], method: str, granularity: str,
-                 traces: dict[str, torch.Tensor], trace_std_error: dict[str, torch.Tensor],
-                 std_error: dict[str, torch.Tensor], num_matvecs: int) -> None:
-        super().__init__(scores)
-        self.method, self.granularity = method, granularity
-        self.traces, self.trace_std_error = traces, trace_std_error
-        self.std_error, self.num_matvecs = std_error, num_matvecs
+    scores: dict[str, torch.Tensor]
+    method: str
+    granularity: str
+    traces: dict[str, torch.Tensor]
+    trace_std_error: dict[str, torch.Tensor]
+    std_error: dict[str, torch.Tensor]
+    num_matvecs: int
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.scores[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.scores)
+
+    def __len__(self) -> int:
+        return len(self.scores)
 
 
 def prunable_layers(model: nn.Module, layers: Optional[Iterable[str]] = None) -> dict[str, nn.Module]:
@@ -163,7 +176,7 @@ def sensitivity(
         **operator_kwargs: Passed to :class:`~curvature.HessianOperator` (``reduction=``, ``keep_graph=``, ...).
 
     Returns:
-        A :class:`Sensitivity`: a dict from ``"<module>.weight"`` to scores, with ``traces``, ``std_error`` and
+        A :class:`Sensitivity`: a mapping from ``"<module>.weight"`` to scores, with ``traces``, ``std_error`` and
         ``num_matvecs``.
 
     Raises:
