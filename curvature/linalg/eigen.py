@@ -11,6 +11,7 @@ import torch
 
 from .._checks import check_count, check_scalar
 from ..sampling import resolve_generator
+from ._gram_schmidt import orthogonalize
 from ._operand import CHECK_EVERY, NOISE, WORK_NOISE, Operand, PrecisionWarning, until_check
 
 __all__ = ["EigenResult", "eigenvalues"]
@@ -209,6 +210,28 @@ def eigenvalues(
         True
     """
     operand = Operand(op, deferred=True)
+    tol, max_matvecs, generator, v0, num_vectors = _checked_arguments(
+        operand, k, which, tol, max_matvecs, generator, method, v0, num_vectors
+    )
+    if method == "power":
+        result, achievable = _power(operand, k, tol, max_matvecs, generator, v0)
+    else:
+        result, achievable = _thick_restart_lanczos(operand, k, which, tol, max_matvecs, generator, v0, num_vectors)
+    result, achievable = _certified_in_float32(operand, result, achievable, which, tol)
+    if not result.converged:
+        message, category = _not_converged(operand, result, achievable, tol, method, max_matvecs)
+        warnings.warn(message, category, stacklevel=2)
+    return result
+
+
+def _checked_arguments(
+    operand: Operand, k: int, which: str, tol: float, max_matvecs: int | None, generator: torch.Generator | None,
+    method: str, v0: torch.Tensor | None, num_vectors: int | None,
+) -> tuple[float, int, torch.Generator, torch.Tensor | None, int]:
+    """:func:`eigenvalues`' arguments checked, in their order, with the defaults filled in.
+
+    Returns ``(tol, max_matvecs, generator, v0, num_vectors)``; raises what :func:`eigenvalues` documents.
+    """
     check_count(k, "k")
     if k > operand.size:
         raise ValueError(f"k={k} exceeds the operator's size {operand.size}.")
@@ -234,49 +257,61 @@ def eigenvalues(
     if max_matvecs is None:
         max_matvecs = max(1000, 30 * num_vectors)
     check_count(max_matvecs, "max_matvecs", minimum=k)
-    if method == "power":
-        if which == "smallest" or (which == "largest" and not operand.is_psd):
-            raise ValueError(
-                f'method="power" finds the eigenvalues of largest magnitude; which={which!r} needs '
-                'method="lanczos" (or which="magnitude" to get what power iteration computes).'
-            )
-        result, achievable = _power(operand, k, tol, max_matvecs, generator, v0)
-    else:
-        result, achievable = _thick_restart_lanczos(operand, k, which, tol, max_matvecs, generator, v0, num_vectors)
+    if method == "power" and (which == "smallest" or (which == "largest" and not operand.is_psd)):
+        raise ValueError(
+            f'method="power" finds the eigenvalues of largest magnitude; which={which!r} needs '
+            'method="lanczos" (or which="magnitude" to get what power iteration computes).'
+        )
+    return tol, max_matvecs, generator, v0, num_vectors
+
+
+def _certified_in_float32(operand: Operand, result: EigenResult, achievable: float, which: str,
+                          tol: float) -> tuple[EigenResult, float]:
+    """The result certified with float32 products where the operator offers them (:func:`_certify`), else as is.
+
+    A model that cannot run in float32 keeps the half-precision result, with a warning.
+    """
     refined = operand.refined()
-    if refined is not None:  # half-precision products: certify with float32 ones
-        try:
-            result, achievable = _certify(operand, refined, result, achievable, which, tol)
-        except (RuntimeError, ValueError, TypeError) as error:  # a model that cannot run in float32
-            warnings.warn(
-                f"eigenvalues: the float32 products that certify a {str(operand.dtype).replace('torch.', '')} "
-                f"result failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); the bounds assume "
-                "the half-precision products accurate to 8 u ‖A‖, which a model near a minimum can violate.",
-                RuntimeWarning, stacklevel=2,
-            )
-    if not result.converged:
-        if achievable > tol:
-            message = (
-                f"tol={tol:g} is below what {str(operand.dtype).replace('torch.', '')} products can certify "
-                f"here (about {achievable:.0e} relative error"
-            )
-            if operand.dtype in (torch.float16, torch.bfloat16):
-                message += f", their rounding is about {NOISE * operand.unit_roundoff:.0e} of ‖A‖"
-            higher = "float32" if operand.dtype in (torch.float16, torch.bfloat16) else "float64"
-            message += (
-                f"): returning converged=False. Compute in {higher} or pass tol>={achievable:.0e} "
-                "(see the eigenvalues docstring, 'Rounding')."
-            )
-            category: type[Warning] = PrecisionWarning
-        else:
-            message = (
-                f"eigenvalues: {method} did not reach tol={tol:g} within max_matvecs={max_matvecs} products "
-                f"(largest relative error bound {_relative(result).max():.2e}); returning the current "
-                "estimates. Raise max_matvecs or tol."
-            )
-            category = RuntimeWarning
-        warnings.warn(message, category, stacklevel=2)
-    return result
+    if refined is None:  # products in float32 or float64: nothing to certify
+        return result, achievable
+    try:
+        return _certify(operand, refined, result, achievable, which, tol)
+    except (RuntimeError, ValueError, TypeError) as error:  # a model that cannot run in float32
+        warnings.warn(
+            f"eigenvalues: the float32 products that certify a {str(operand.dtype).replace('torch.', '')} "
+            f"result failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); the bounds assume "
+            "the half-precision products accurate to 8 u ‖A‖, which a model near a minimum can violate.",
+            RuntimeWarning, stacklevel=3,
+        )
+        return result, achievable
+
+
+def _not_converged(operand: Operand, result: EigenResult, achievable: float, tol: float, method: str,
+                   max_matvecs: int) -> tuple[str, type[Warning]]:
+    """The warning for a result short of ``tol``: its message and category.
+
+    A :class:`~curvature.linalg._operand.PrecisionWarning` when ``tol`` is below what the products can certify
+    (``achievable > tol``), else a ``RuntimeWarning``: the budget ran out.
+    """
+    if achievable > tol:
+        message = (
+            f"tol={tol:g} is below what {str(operand.dtype).replace('torch.', '')} products can certify "
+            f"here (about {achievable:.0e} relative error"
+        )
+        if operand.dtype in (torch.float16, torch.bfloat16):
+            message += f", their rounding is about {NOISE * operand.unit_roundoff:.0e} of ‖A‖"
+        higher = "float32" if operand.dtype in (torch.float16, torch.bfloat16) else "float64"
+        message += (
+            f"): returning converged=False. Compute in {higher} or pass tol>={achievable:.0e} "
+            "(see the eigenvalues docstring, 'Rounding')."
+        )
+        return message, PrecisionWarning
+    message = (
+        f"eigenvalues: {method} did not reach tol={tol:g} within max_matvecs={max_matvecs} products "
+        f"(largest relative error bound {_relative(result).max():.2e}); returning the current "
+        "estimates. Raise max_matvecs or tol."
+    )
+    return message, RuntimeWarning
 
 
 def _certify(operand: Operand, refined: Any, result: EigenResult, achievable: float, which: str,
@@ -460,6 +495,10 @@ class _Step:
     exhausted: torch.Tensor
     stop: torch.Tensor
 
+    def wanted_and_bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The wanted Ritz values and their bounds (copies), what the next step's settled test compares with."""
+        return (self.theta[self.wanted].clone(), self.verdict.bounds.clone()) if self.verdict else None
+
 
 def _thick_restart_lanczos(
     operand: Operand,
@@ -484,84 +523,145 @@ def _thick_restart_lanczos(
     Returns the result and the relative error that the bounds could certify for the pairs that missed ``tol``
     at rounding level (0 when none did).
     """
-    size = operand.size
-    V = operand.zeros(size, ncv + 1)
-    T = torch.zeros(ncv, ncv, dtype=torch.float64)
-    start = operand.work(v0) if v0 is not None else operand.probes("gaussian", size, generator)
-    V[:, 0] = start / start.norm()
-    j = 0  # index of the vector to expand next; V[:, :j] and T[:j, :j] are in place
-    keep = min(ncv - 1, k + (ncv - k) // 2)  # Ritz vectors kept at a restart
-    norm = torch.zeros((), dtype=torch.float64)
-    asymmetry = torch.zeros((), dtype=torch.float64)
-    previous = None  # the wanted Ritz values at the last invariant subspace
-    last = None  # the wanted Ritz values at the step before (for the settled test of the gap bound)
-    steps = 0  # steps taken in this call, dropped ones included
+    run = _ThickRestart(operand, k, which, tol, max_matvecs, generator, v0, ncv)
     while True:
-        count = min(until_check(steps), ncv - j)
-        if count == CHECK_EVERY and ncv - j - count < CHECK_EVERY // 2:
-            count = ncv - j  # no check just before a restart, which needs one anyway
-        count = min(count, max(1, max_matvecs - operand.num_matvecs))
+        count = _batch_size(run.steps, ncv - run.j, max_matvecs - operand.num_matvecs)
+        step, stop, exhausted = run.replay(*run.expand(count))
+        if stop:
+            return run.result(step)
+        run.go_on(step, exhausted)
+
+
+def _batch_size(steps: int, room: int, budget: int) -> int:
+    """The number of steps to run before the next host check.
+
+    What :func:`~curvature.linalg._operand.until_check` allows after ``steps`` steps, never past a restart
+    (``room``: the vectors the basis has left); a full batch that would leave less than half a batch before
+    the restart runs on to it instead (the restart reads the host anyway). At most the ``budget`` of products
+    left, but at least one.
+    """
+    count = min(until_check(steps), room)
+    if count == CHECK_EVERY and room - count < CHECK_EVERY // 2:
+        count = room  # no check just before a restart, which needs one anyway
+    return min(count, max(1, budget))
+
+
+class _ThickRestart:
+    """The state of thick-restart Lanczos between two host checks, and the moves of its loop.
+
+    Attributes:
+        V: The basis, ``(P, ncv + 1)`` in the working precision; ``V[:, :j + 1]`` is in place.
+        T: The projected matrix ``Vᵀ A V`` as the replay knows it, ``(ncv, ncv)`` float64 on the host;
+            ``T[:j, :j]`` and the coupling of ``V[:, j]`` to it are in place.
+        j: The index of the vector to expand next.
+        keep: The number of Ritz vectors kept at a restart.
+        steps: The steps taken, dropped ones included (the host checks are spaced by this count).
+        norm: The running estimate of ``‖A‖``: the largest ``|θ|`` and ``β`` so far.
+        asymmetry: The largest antisymmetric part of a coefficient column so far (the products' measured noise).
+        previous: The wanted Ritz values at the last invariant subspace; None before one.
+        last: The wanted Ritz values and their bounds at the step before (for the settled test of the gap
+            bound, :func:`_verdict`); None before ``k`` steps.
+    """
+
+    def __init__(self, operand: Operand, k: int, which: str, tol: float, max_matvecs: int,
+                 generator: torch.Generator | None, v0: torch.Tensor | None, ncv: int) -> None:
+        self.operand, self.k, self.which, self.tol, self.max_matvecs = operand, k, which, tol, max_matvecs
+        self.generator, self.ncv = generator, ncv
+        self.V = operand.zeros(operand.size, ncv + 1)
+        self.T = torch.zeros(ncv, ncv, dtype=torch.float64)
+        start = operand.work(v0) if v0 is not None else operand.probes("gaussian", operand.size, generator)
+        self.V[:, 0] = start / start.norm()
+        self.j = 0
+        self.keep = min(ncv - 1, k + (ncv - k) // 2)
+        self.norm = torch.zeros((), dtype=torch.float64)
+        self.asymmetry = torch.zeros((), dtype=torch.float64)
+        self.previous: torch.Tensor | None = None
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.steps = 0
+
+    def expand(self, count: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Run ``count`` Lanczos steps on the device from ``V[:, j]``; return their coefficients, read in one transfer.
+
+        Each step orthogonalizes ``A v_j`` against the whole basis (:func:`orthogonalize`, twice) and normalizes
+        it into ``V[:, j + 1]``; its column of coefficients ``Vᵀ A v_j`` (float64) and its ``β`` come to the
+        host together with those of the other steps.
+        """
         columns, betas = [], []
-        for jj in range(j, j + count):
-            w = operand @ V[:, jj]
-            basis = V[:, : jj + 1]
-            coef = basis.T @ w
-            w = w - basis @ coef
-            coef2 = basis.T @ w
-            w = w - basis @ coef2
+        for jj in range(self.j, self.j + count):
+            w, coef = orthogonalize(self.V[:, : jj + 1], self.operand @ self.V[:, jj])
             beta = w.norm()
-            columns.append((coef + coef2).double())
+            columns.append(coef.double())
             betas.append(beta)
-            V[:, jj + 1] = w / torch.where(beta > 0, beta, 1.0)  # replaced below if β is at rounding level
-        steps += count
-        *columns, betas = operand.fetch(*columns, torch.stack(betas))
-        used = operand.num_matvecs - count
+            self.V[:, jj + 1] = w / torch.where(beta > 0, beta, 1.0)  # replaced below if β is at rounding level
+        self.steps += count
+        *columns, betas = self.operand.fetch(*columns, torch.stack(betas))
+        return columns, betas
+
+    def replay(self, columns: list[torch.Tensor], betas: torch.Tensor) -> tuple[_Step, bool, bool]:
+        """Replay a batch of steps on the host as a check after each would (:func:`_replay`).
+
+        Returns the first step at which that loop would stop or find an invariant space (the last one when
+        none does), with those two flags; the steps after it are dropped from ``T`` (their products stay
+        counted, their vectors are overwritten).
+        """
+        used = self.operand.num_matvecs - len(columns)
         replay = []
         for i, column in enumerate(columns):
-            step = _replay(operand, T, column, betas[i], norm, asymmetry, previous, last, k, which, tol,
-                           used + i + 1 >= max_matvecs, ncv)
-            norm, asymmetry = step.norm, step.asymmetry
-            last = (step.theta[step.wanted].clone(), step.verdict.bounds.clone()) if step.verdict else None
+            step = _replay(self.operand, self.T, column, betas[i], self.norm, self.asymmetry, self.previous,
+                           self.last, self.k, self.which, self.tol, used + i + 1 >= self.max_matvecs, self.ncv)
+            self.norm, self.asymmetry, self.last = step.norm, step.asymmetry, step.wanted_and_bounds()
             replay.append(step)
         flags = torch.stack([torch.stack([step.stop, step.exhausted]) for step in replay]).tolist()
         first = next((i for i, (stop, exhausted) in enumerate(flags) if stop or exhausted), len(flags) - 1)
         step, (stop, exhausted) = replay[first], flags[first]
-        m, beta, wanted = step.m, step.beta, step.wanted  # the later steps are dropped
-        norm, asymmetry = step.norm, step.asymmetry
-        # what the next step, m + 1, compares with
-        last = (step.theta[wanted].clone(), step.verdict.bounds.clone()) if step.verdict else None
-        T[m:, :] = 0.0
-        T[:, m:] = 0.0
-        if stop:
-            vectors = V[:, :m] @ step.S[:, wanted].to(V)
-            verdict = step.verdict
-            result = EigenResult(
-                values=step.theta[wanted].clone(), vectors=vectors.to(operand.dtype),
-                residuals=step.residuals[wanted].clone(), num_matvecs=operand.num_matvecs,
-                converged=bool(verdict.done), error_bounds=verdict.bounds.clone(),
-            )
-            return result, float(verdict.achievable)
+        # The later steps are dropped: the next step, m + 1, compares with this one.
+        self.norm, self.asymmetry, self.last = step.norm, step.asymmetry, step.wanted_and_bounds()
+        self.T[step.m :, :] = 0.0
+        self.T[:, step.m :] = 0.0
+        return step, stop, exhausted
+
+    def result(self, step: _Step) -> tuple[EigenResult, float]:
+        """The wanted Ritz pairs of ``step`` and the relative error certified where ``tol`` was missed."""
+        vectors = self.V[:, : step.m] @ step.S[:, step.wanted].to(self.V)
+        verdict = step.verdict
+        result = EigenResult(
+            values=step.theta[step.wanted].clone(), vectors=vectors.to(self.operand.dtype),
+            residuals=step.residuals[step.wanted].clone(), num_matvecs=self.operand.num_matvecs,
+            converged=bool(verdict.done), error_bounds=verdict.bounds.clone(),
+        )
+        return result, float(verdict.achievable)
+
+    def go_on(self, step: _Step, exhausted: bool) -> None:
+        """Continue after ``step``: from a fresh vector when its space is invariant; restart when the basis is full."""
+        m = step.m
         if exhausted:
-            # Continue from a random vector orthogonal to the invariant space, with coupling 0.
-            previous = step.theta[wanted].clone() if m >= k else None
-            w = operand.probes("gaussian", size, generator)
-            basis = V[:, :m]
-            w = w - basis @ (basis.T @ w)
-            w = w - basis @ (basis.T @ w)
-            V[:, m] = w / w.norm()
-        if m < ncv:
-            T[m - 1, m] = T[m, m - 1] = beta
-            j = m
-            continue
-        # Thick restart: keep the `keep` wanted Ritz vectors and the next direction (the residual, or the
-        # fresh vector after an invariant space), coupled to them by β times the Ritz vectors' last entries.
-        kept = step.order[:keep]
-        V[:, :keep] = V[:, :m] @ step.S[:, kept].to(V)
-        V[:, keep] = V[:, m]
-        T.zero_()
-        T[:keep, :keep] = torch.diag(step.theta[kept])
-        T[keep, :keep] = T[:keep, keep] = beta * step.S[m - 1, kept]
-        j = keep
+            self.previous = step.theta[step.wanted].clone() if m >= self.k else None
+            self._fresh_start(m)
+        if m < self.ncv:
+            self.T[m - 1, m] = self.T[m, m - 1] = step.beta
+            self.j = m
+        else:
+            self._restart(step)
+
+    def _fresh_start(self, m: int) -> None:
+        """Put a random unit vector orthogonal to the invariant space ``V[:, :m]`` in ``V[:, m]`` (coupling 0)."""
+        w, _ = orthogonalize(self.V[:, :m], self.operand.probes("gaussian", self.operand.size, self.generator))
+        self.V[:, m] = w / w.norm()
+
+    def _restart(self, step: _Step) -> None:
+        """Thick restart (Wu & Simon 2000): keep the ``keep`` wanted Ritz vectors and the next direction.
+
+        The next direction is ``V[:, m]``, the residual or the fresh vector after an invariant space; it is
+        coupled to the kept Ritz vectors by ``β`` times their last entries, and ``T`` becomes the arrowhead
+        ``diag(θ_kept)`` bordered by those couplings.
+        """
+        m, keep, kept = step.m, self.keep, step.order[: self.keep]
+        self.V[:, :keep] = self.V[:, :m] @ step.S[:, kept].to(self.V)
+        self.V[:, keep] = self.V[:, m]
+        self.T.zero_()
+        self.T[:keep, :keep] = torch.diag(step.theta[kept])
+        self.T[keep, :keep] = self.T[:keep, keep] = step.beta * step.S[m - 1, kept]
+        self.j = keep
 
 
 def _replay(

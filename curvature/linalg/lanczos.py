@@ -17,6 +17,7 @@ import torch
 
 from .._checks import check_count
 from ..sampling import resolve_generator
+from ._gram_schmidt import orthogonalize
 from ._operand import Operand
 
 __all__ = ["LanczosResult", "lanczos"]
@@ -170,7 +171,7 @@ def lanczos_many(operand: Operand, V0: torch.Tensor, num_steps: int) -> _Many:
     norms = V0.norm(dim=0)
     if bool((norms == 0).any()):
         raise ValueError("the Lanczos start vector is zero; pass a nonzero v0.")
-    # One contiguous (m, P) basis per process, in the working precision, so that the reorthogonalization is
+    # One contiguous (m, P) basis per process, in the working precision, so that each Gram-Schmidt pass is
     # two batched matrix products over the processes.
     V0 = operand.work(V0)
     basis = V0.new_zeros(b, num_steps, size)
@@ -183,13 +184,9 @@ def lanczos_many(operand: Operand, V0: torch.Tensor, num_steps: int) -> _Many:
     for j in range(num_steps):
         Q = basis[:, : j + 1]  # (b, j + 1, P), a view
         W = (operand @ Q[:, j].T).T.unsqueeze(2)  # (b, P, 1); zero for finished processes
-        # Classical Gram-Schmidt against the whole basis, twice.
-        coef = torch.bmm(Q, W)
-        W = W - torch.bmm(Q.transpose(1, 2), coef)
-        coef2 = torch.bmm(Q, W)
-        W = W - torch.bmm(Q.transpose(1, 2), coef2)
+        W, coef = orthogonalize(Q.transpose(1, 2), W)  # against the whole basis, twice
         W = W.squeeze(2)  # (b, P)
-        a_j = (coef[:, j, 0] + coef2[:, j, 0]).double()
+        a_j = coef[:, j, 0].double()
         b_j = W.norm(dim=1).double()
         scale = torch.maximum(scale, torch.maximum(a_j.abs(), b_j))
         invariant = b_j <= operand.noise(scale)  # β at the rounding level of the products: invariant

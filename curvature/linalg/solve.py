@@ -10,10 +10,11 @@ stops at a least-squares solution when the system is singular and inconsistent.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -303,25 +304,41 @@ class _Residuals:
                     f"solve: the float32 product that checks a {dtype} residual failed ({type(error).__name__}: "
                     f"{str(error).splitlines()[0][:200]}); the residual is computed in {dtype}, with its rounding "
                     "margin.",
-                    RuntimeWarning, stacklevel=4,
+                    RuntimeWarning, stacklevel=5,  # solve's caller: solve, a solver, _certify, here
                 )
                 self.refined, self.margin = None, _rounding(self.operand)
         return b - self.operand @ x
 
 
-def _certify(operand: Operand, b: torch.Tensor, x: torch.Tensor, threshold: float, a_norm: float,
-             b_norm: float) -> tuple[float, bool, float]:
-    """The residual of ``x`` (in the operator's dtype) computed afresh: ``(‖b - A x‖, converged, achievable)``.
+class _Certified(NamedTuple):
+    """The outcome of :func:`_certify`."""
 
-    Called where the recurrence claimed convergence. ``converged`` needs the residual plus the rounding of
-    half-precision products (:func:`_rounding`) within ``threshold``; when it is not, ``achievable`` is the
-    relative residual that was certified instead (0 when converged).
+    x: torch.Tensor  # the iterate returned: the one given, or the earlier one where that is better
+    residual_norm: float  # ‖b - A x‖, computed afresh
+    converged: bool  # the residual plus the rounding of half-precision products is within the threshold
+    achievable: float  # the relative residual certified instead (0 when converged)
+
+
+def _certify(operand: Operand, b: torch.Tensor, x: torch.Tensor, threshold: float, a_norm: float, b_norm: float,
+             earlier: Optional[torch.Tensor] = None) -> _Certified:
+    """The residual of ``x`` (in the operator's dtype) computed afresh, for a solver that cannot vouch for its own.
+
+    ``converged`` needs the residual plus the rounding of half-precision products (:func:`_rounding`) within
+    ``threshold``; when it is not, ``achievable`` is the relative residual that was certified instead. When
+    ``x`` misses the threshold and an ``earlier`` iterate is given (MINRES: the trusted one with the least
+    ``‖A r‖ / ‖r‖``), its residual is computed too (a second product), and it is returned instead unless ``x``
+    is better by more than the rounding ``ε ‖A‖ ‖x‖`` (``ε`` of the operator's dtype).
     """
-    residuals = _Residuals(operand)
+    residuals = _Residuals(operand)  # half precision: from float32 products, to float32 rounding
     residual, x_norm = operand.fetch_floats(residuals(b, x).norm(), x.norm())
+    if earlier is not None and residual > threshold:
+        (earlier_residual,) = operand.fetch_floats(residuals(b, earlier).norm())
+        if earlier_residual <= residual + 2 * operand.unit_roundoff * a_norm * x_norm:
+            x, residual = earlier, earlier_residual
+            (x_norm,) = operand.fetch_floats(x.norm())
     margin = residuals.margin * a_norm * x_norm
     converged = residual + margin <= threshold
-    return residual, converged, 0.0 if converged else (residual + margin) / b_norm
+    return _Certified(x, residual, converged, 0.0 if converged else (residual + margin) / b_norm)
 
 
 def _cg(operand: Operand, b: torch.Tensor, x: torch.Tensor, r: torch.Tensor, tol: float,
@@ -375,7 +392,7 @@ def _cg(operand: Operand, b: torch.Tensor, x: torch.Tensor, r: torch.Tensor, tol
     if converged and iterations > 0:
         (x_norm,) = operand.fetch_floats(x.norm())
         if operand.unit_roundoff * 2 * a_norm_host * x_norm > _HONEST * threshold:
-            residual_norm, converged, achievable = _certify(operand, b, x, threshold, a_norm_host, b_norm)
+            _, residual_norm, converged, achievable = _certify(operand, b, x, threshold, a_norm_host, b_norm)
     return SolveResult(
         x=x,
         num_matvecs=operand.num_matvecs,
@@ -389,7 +406,75 @@ def _cg(operand: Operand, b: torch.Tensor, x: torch.Tensor, r: torch.Tensor, tol
 def _minres(
     operand: Operand, b: torch.Tensor, x0: torch.Tensor, r: torch.Tensor, tol: float, max_iter: int
 ) -> tuple[SolveResult, float]:
-    r"""MINRES from ``x0`` with residual ``r = b - A x0``, reading its state on the host at checks only.
+    """MINRES from ``x0`` with residual ``r = b - A x0``, reading its state on the host at checks only.
+
+    The iterations run on the device (:class:`_MinresState`); after each batch
+    (:func:`~curvature.linalg._operand.until_check`) the host reads whether a stopping test has fired. At the
+    end the recurrence's residual is taken for the returned ``x`` unless it cannot be trusted
+    (:func:`_recurrence_trusted`); then the residual is computed afresh (:func:`_certify`).
+
+    Returns the result and the relative residual that the products can certify when the recurrence met ``tol``
+    but the fresh residual does not (0 otherwise).
+    """
+    b_norm, beta_1, x0_norm = operand.fetch_floats(b.norm(), r.norm(), x0.norm())  # β_1 = ‖r_0‖
+    threshold = tol * b_norm
+    if beta_1 <= threshold:
+        result = SolveResult(x=x0.to(operand.dtype), num_matvecs=operand.num_matvecs, converged=True,
+                             residual_norm=beta_1, iterations=0)
+        return result, 0.0
+    state = _MinresState(operand, r, beta_1, x0_norm, threshold)
+    while state.iterations < max_iter:
+        for _ in range(min(until_check(state.iterations), max_iter - state.iterations)):
+            state.step()
+        outcome = state.read()
+        if not outcome.active:
+            break
+    x = (x0 + state.z).to(operand.dtype)
+    if _recurrence_trusted(operand, outcome, x, threshold):
+        result = SolveResult(x=x, num_matvecs=operand.num_matvecs, converged=outcome.converged,
+                             residual_norm=outcome.residual_norm, iterations=state.iterations)
+        return result, 0.0
+    # The trusted iterate with the least ‖A r‖ / ‖r‖, the fallback when the last one misses tol.
+    earlier = (x0 + state.best_z).to(operand.dtype) if outcome.has_best and not outcome.best_is_z else None
+    certified = _certify(operand, b, x, threshold, outcome.a_norm, b_norm, earlier=earlier)
+    result = SolveResult(x=certified.x, num_matvecs=operand.num_matvecs, converged=certified.converged,
+                         residual_norm=certified.residual_norm, iterations=state.iterations)
+    # Only a residual the recurrence claimed met tol can be below what the products certify.
+    return result, certified.achievable if outcome.converged else 0.0
+
+
+@dataclass(frozen=True)
+class _MinresOutcome:
+    """What the host reads of :class:`_MinresState` at a check (one transfer).
+
+    Attributes:
+        active: No stopping test has fired: the iterations go on.
+        converged: The recurrence's residual met the threshold.
+        breakdown: The Lanczos process found an invariant space (``x`` is the exact minimizer over it).
+        too_large: The size test stopped it (``x`` moved along directions of numerically zero curvature).
+        residual_norm: The recurrence's residual ``|φ̄|``.
+        a_norm: The running lower bound on ``‖A‖``.
+        d_max: The largest ``‖d_k‖``, so that ``a_norm · d_max`` estimates ``κ(A)``.
+        has_best: Some iterate's residual could be trusted.
+        best_is_z: The best trusted iterate is the last one.
+    """
+
+    active: bool
+    converged: bool
+    breakdown: bool
+    too_large: bool
+    residual_norm: float
+    a_norm: float
+    d_max: float
+    has_best: bool
+    best_is_z: bool
+
+
+class _MinresState:
+    r"""The state of MINRES between two iterations, on the device, and its :meth:`step`.
+
+    MINRES (Paige & Saunders 1975, SIAM J. Numer. Anal. 12) as in their code, with the stopping tests of
+    :func:`solve`.
 
     Step :math:`k` of the Lanczos process gives column :math:`k` of :math:`\bar T_k`: :math:`\beta_k` above
     the diagonal, :math:`\alpha_k` on it and :math:`\beta_{k+1}` below. The two previous Givens rotations
@@ -414,141 +499,159 @@ def _minres(
 
     All of it is evaluated on the device, in float64 0-d tensors, with the same formulas as a loop on the host;
     each stopping test sets a flag, after which the remaining iterations of the batch change nothing. The host
-    reads the flags and the few scalars it needs at the end in one transfer per check
-    (:func:`~curvature.linalg._operand.until_check`).
+    reads the flags and the few scalars it needs at the end in one transfer per check (:meth:`read`).
 
     The recurrence runs in the working precision; ``ε`` of the operator's dtype measures the rounding of the
     products (what the true residual can reach), that of the working dtype the least-squares test's level.
     """
-    eps = 2 * operand.unit_roundoff  # the machine epsilon of the products
-    # Relative to ‖A‖, what counts as zero for β (Lanczos breakdown) and for a singular value of A. At an
-    # invariant subspace the computed β is rounding noise of the product and the three-term recurrence, a few
-    # ε‖A‖ (up to about 10 ε‖A‖ measured on small dense matrices); 100 ε leaves room for less exact products,
-    # and for half-precision products the level is 8 u (Operand.noise).
-    small = operand.noise(1.0)
-    ls_tol = torch.finfo(operand.work_dtype).eps ** _LS_EXPONENT  # the least-squares test's level: √ε, not tol
-    # An iterate's recurrence residual is trusted while the rounding of b - A x, about ε‖A‖‖x‖, stays below
-    # this fraction of it.
-    honest = _HONEST
-    b_norm, beta_1, x0_norm = operand.fetch_floats(b.norm(), r.norm(), x0.norm())  # β_1 = ‖r_0‖
-    threshold = tol * b_norm
-    if beta_1 <= threshold:
-        result = SolveResult(x=x0.to(operand.dtype), num_matvecs=operand.num_matvecs, converged=True,
-                             residual_norm=beta_1, iterations=0)
-        return result, 0.0
 
-    # The recurrence's scalars live on the device as float64 0-d tensors (the values the host formulas used).
-    def scalar(value: float) -> torch.Tensor:
-        return torch.full((), value, dtype=torch.float64, device=r.device)
+    def __init__(self, operand: Operand, r: torch.Tensor, beta_1: float, x0_norm: float, threshold: float) -> None:
+        self.operand, self.beta_1, self.x0_norm, self.threshold = operand, beta_1, x0_norm, threshold
+        self.eps = 2 * operand.unit_roundoff  # the machine epsilon of the products
+        # Relative to ‖A‖, what counts as zero for β (Lanczos breakdown) and for a singular value of A. At an
+        # invariant subspace the computed β is rounding noise of the product and the three-term recurrence, a
+        # few ε‖A‖ (up to about 10 ε‖A‖ measured on small dense matrices); 100 ε leaves room for less exact
+        # products, and for half-precision products the level is 8 u (Operand.noise).
+        self.small = operand.noise(1.0)
+        # The least-squares test's level: √ε of the working precision, not tol.
+        self.ls_tol = torch.finfo(operand.work_dtype).eps ** _LS_EXPONENT
+        # The recurrence's scalars live on the device as float64 0-d tensors (the values the host formulas used).
+        scalar = functools.partial(torch.full, (), dtype=torch.float64, device=r.device)
+        true, false = scalar(1.0) > 0, scalar(0.0) > 0
+        self.iterations = 0
+        self.v_prev = torch.zeros_like(r)
+        self.v = r / beta_1
+        self.z = torch.zeros_like(r)  # x - x0
+        self.d_prev2, self.d_prev = torch.zeros_like(r), torch.zeros_like(r)
+        self.c_prev2, self.s_prev2, self.c_prev, self.s_prev = scalar(1.0), scalar(0.0), scalar(1.0), scalar(0.0)
+        self.beta = scalar(beta_1)  # β_k: multiplies v_{k-1} in the recurrence
+        self.coupling = scalar(0.0)  # β_k as an entry of T (above the diagonal); none in the first column
+        self.phi_bar = scalar(beta_1)
+        self.a_norm = scalar(0.0)  # running lower bound on ‖A‖: max_k ‖A v_k‖ = max_k √(β_k² + α_k² + β_{k+1}²)
+        self.d_max = scalar(0.0)  # max_k ‖d_k‖; ‖A d_k‖ = 1 in exact arithmetic, so Acond = ‖A‖ max_k ‖d_k‖ ≤ κ(A)
+        self.best_ar, self.best_z = scalar(math.inf), self.z  # ‖A r‖ / ‖r‖ and z of the least such trusted iterate
+        self.has_best, self.best_is_z = false, false  # whether there is one, and whether it is the final z
+        self.active, self.converged, self.breakdown, self.too_large = true, false, false, false
 
-    true, false = scalar(1.0) > 0, scalar(0.0) > 0
-    v_prev = torch.zeros_like(r)
-    v = r / beta_1
-    z = torch.zeros_like(r)
-    d_prev2, d_prev = torch.zeros_like(r), torch.zeros_like(r)
-    c_prev2, s_prev2, c_prev, s_prev = scalar(1.0), scalar(0.0), scalar(1.0), scalar(0.0)  # no rotation yet
-    beta = scalar(beta_1)  # β_k: multiplies v_{k-1} in the recurrence
-    coupling = scalar(0.0)  # β_k as an entry of T (above the diagonal); none in the first column
-    phi_bar = scalar(beta_1)
-    a_norm = scalar(0.0)  # running lower bound on ‖A‖: max_k ‖A v_k‖ = max_k √(β_k² + α_k² + β_{k+1}²)
-    d_max = scalar(0.0)  # max_k ‖d_k‖; ‖A d_k‖ = 1 in exact arithmetic, so Acond = ‖A‖ max_k ‖d_k‖ ≤ κ(A)
-    best_ar, best_z = scalar(math.inf), z  # ‖A r‖ / ‖r‖ and z of the least such trusted iterate
-    has_best, best_is_z = false, false  # whether there is one, and whether it is the final z
-    active, converged, breakdown, too_large = true, false, false, false
-    iterations = 0
-    while iterations < max_iter:
-        count = min(until_check(iterations), max_iter - iterations)
-        for _ in range(count):
-            w = operand @ v
-            iterations += 1
-            if iterations > 1:
-                w = w - beta * v_prev
-            alpha = torch.dot(v, w)
-            w = w - alpha * v
-            beta_next = w.norm()
-            alpha_, beta_next_ = alpha.double(), beta_next.double()
-            z_norm = z.norm().double()
-            a_norm = torch.where(
-                active, torch.maximum(a_norm, (coupling**2 + alpha_**2 + beta_next_**2).sqrt()), a_norm
-            )
-            # Size test (Paige & Saunders' bound on ‖x‖, at the 100 ε level used here for a zero singular
-            # value). In exact arithmetic ‖z_k‖ = ‖R_k⁻¹ t_k‖ ≤ ‖r_0‖ / σ_min(A), so ‖z‖ ≥ ‖r_0‖ / (100 ε ‖A‖)
-            # means that x moved along directions of numerically zero curvature.
-            large = small * a_norm * z_norm >= beta_1
-            too_large = too_large | (active & large)
-            going = active & ~large
-            # The previous two rotations applied to column k: (0, β_k, α_k) -> (ε_k, δ_k, γ̄_k).
-            epsilon = s_prev2 * coupling
-            delta_tmp = c_prev2 * coupling
-            delta = c_prev * delta_tmp + s_prev * alpha_
-            gamma_bar = -s_prev * delta_tmp + c_prev * alpha_
-            a_r = torch.hypot(gamma_bar, c_prev * beta_next_)  # ‖A r_{k-1}‖ / ‖r_{k-1}‖
-            trusted = eps * a_norm * (x0_norm + z_norm) <= honest * phi_bar.abs()
-            better = going & trusted & (a_r < best_ar)
-            best_ar, best_z = torch.where(better, a_r, best_ar), torch.where(better, z, best_z)
-            has_best, best_is_z = has_best | better, best_is_z | better
-            # Least-squares test: x_{k-1} is a least-squares solution to working accuracy. Step k would divide
-            # by γ_k ≥ a_r, tiny, and move x along a direction of near-zero curvature (on an inconsistent
-            # system, without end). This also covers a breakdown with a singular reduced system (γ_k ≤ 100 ε ‖A‖,
-            # Paige & Saunders' Acond test). Keep x_{k-1}.
-            going = going & ~(a_r <= ls_tol * a_norm)
-            gamma = torch.hypot(gamma_bar, beta_next_)  # ≥ a_r > 0 where going
-            c, s = gamma_bar / gamma, beta_next_ / gamma
-            d = (v - delta * d_prev - epsilon * d_prev2) / gamma
-            z = torch.where(going, z + (c * phi_bar) * d, z)
-            best_is_z = best_is_z & ~going
-            d_max = torch.where(going, torch.maximum(d_max, d.norm().double()), d_max)
-            phi_bar = torch.where(going, -s * phi_bar, phi_bar)
-            met = going & (phi_bar.abs() <= threshold)
-            # Lanczos breakdown: x is the exact minimizer over the space.
-            broke = going & (beta_next_ <= small * a_norm)
-            converged, breakdown = converged | met, breakdown | broke
-            active = going & ~met & ~broke
-            d_prev2, d_prev = torch.where(active, d_prev, d_prev2), torch.where(active, d, d_prev)
-            c_prev2, s_prev2 = torch.where(active, c_prev, c_prev2), torch.where(active, s_prev, s_prev2)
-            c_prev, s_prev = torch.where(active, c, c_prev), torch.where(active, s, s_prev)
-            v_prev, v = torch.where(active, v, v_prev), torch.where(active, w / beta_next, v)
-            coupling = beta = torch.where(active, beta_next_, beta)
-        host = operand.fetch_floats(active, converged, breakdown, too_large, phi_bar, a_norm, d_max, has_best,
-                                    best_is_z)
-        if not host[0]:
-            break
-    _, converged_, breakdown_, too_large_, phi_bar_, a_norm_, d_max_, has_best_, best_is_z_ = host
-    converged = bool(converged_)
-    x = (x0 + z).to(operand.dtype)
-    residual_norm = abs(phi_bar_)
-    # Can the recurrence's residual still be taken for ‖b - A x‖? Not once ε Acond² ≥ 1: MINRES's can then be
-    # off by as much as ‖b‖ (its gap grows like ε κ(A)² ‖b‖, Sleijpen, van der Vorst & Modersitzki 2000).
-    # Nor when the rounding ε‖A‖‖x‖ of b - A x is not small next to what it claims: converged, next to the
-    # threshold (the recurrence keeps shrinking while the true residual stalls at that rounding); short of
-    # convergence, next to the residual (an inconsistent system has then run on past its least-squares point,
-    # where x grows along near-null directions and the recurrence parts from the truth: measured 1e-3 against
-    # 6e13).
-    verify = bool(too_large_) or eps * (a_norm_ * d_max_) ** 2 >= 1
-    x_norm: Optional[float] = None
-    if not verify and not breakdown_:
-        (x_norm,) = operand.fetch_floats(x.norm())
-        verify = eps * a_norm_ * x_norm > honest * (threshold if converged else residual_norm)
-    achievable = 0.0
-    if verify:
-        # Compute the true residual; if it misses tol, also that of the trusted iterate with the least
-        # ‖A r‖ / ‖r‖, and keep that one unless the last is better by more than its rounding.
-        residuals = _Residuals(operand)  # half precision: from float32 products, to float32 rounding
-        (residual_norm, x_norm) = operand.fetch_floats(residuals(b, x).norm(), x.norm())
-        if residual_norm > threshold and has_best_ and not best_is_z_:
-            x_best = (x0 + best_z).to(operand.dtype)
-            (best_norm,) = operand.fetch_floats(residuals(b, x_best).norm())
-            if best_norm <= residual_norm + eps * a_norm_ * x_norm:
-                x, residual_norm = x_best, best_norm
-                (x_norm,) = operand.fetch_floats(x.norm())
-        margin = residuals.margin * a_norm_ * x_norm
-        claimed, converged = converged, residual_norm + margin <= threshold
-        if claimed and not converged:  # the recurrence met tol; the products cannot certify it
-            achievable = (residual_norm + margin) / b_norm
-    return SolveResult(
-        x=x,
-        num_matvecs=operand.num_matvecs,
-        converged=converged,
-        residual_norm=residual_norm,
-        iterations=iterations,
-    ), achievable
+    def step(self) -> None:
+        """One iteration (one product): the Lanczos step, the stopping tests on ``x_{k-1}``, then ``x_k``."""
+        self.iterations += 1
+        w, alpha, beta_next = self._lanczos_step()
+        beta_next_ = beta_next.double()
+        z_norm = self.z.norm().double()
+        self.a_norm = torch.where(
+            self.active, torch.maximum(self.a_norm, (self.coupling**2 + alpha**2 + beta_next_**2).sqrt()), self.a_norm
+        )
+        going = self.active & ~self._too_large(z_norm)
+        epsilon, delta, gamma_bar = self._rotate_column(alpha)
+        a_r = torch.hypot(gamma_bar, self.c_prev * beta_next_)  # ‖A r_{k-1}‖ / ‖r_{k-1}‖
+        self._remember_trusted(going, a_r, z_norm)
+        going = going & ~self._least_squares(a_r)
+        c, s, d = self._update_iterate(going, gamma_bar, beta_next_, delta, epsilon)
+        met = going & (self.phi_bar.abs() <= self.threshold)
+        # Lanczos breakdown: x is the exact minimizer over the space.
+        broke = going & (beta_next_ <= self.small * self.a_norm)
+        self.converged, self.breakdown = self.converged | met, self.breakdown | broke
+        self.active = going & ~met & ~broke
+        self._shift(c, s, d, w, beta_next, beta_next_)
+
+    def _lanczos_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``w = A v_k − β_k v_{k-1} − α_k v_k`` (no reorthogonalization) with ``α_k`` (float64) and ``‖w‖``."""
+        w = self.operand @ self.v
+        if self.iterations > 1:
+            w = w - self.beta * self.v_prev
+        alpha = torch.dot(self.v, w)
+        w = w - alpha * self.v
+        return w, alpha.double(), w.norm()
+
+    def _too_large(self, z_norm: torch.Tensor) -> torch.Tensor:
+        """Size test (Paige & Saunders' bound on ``‖x‖``, at the 100 ε level used here for a zero singular value).
+
+        In exact arithmetic ``‖z_k‖ = ‖R_k⁻¹ t_k‖ ≤ ‖r_0‖ / σ_min(A)``, so ``‖z‖ ≥ ‖r_0‖ / (100 ε ‖A‖)`` means
+        that ``x`` moved along directions of numerically zero curvature. Records the flag; returns the test.
+        """
+        large = self.small * self.a_norm * z_norm >= self.beta_1
+        self.too_large = self.too_large | (self.active & large)
+        return large
+
+    def _rotate_column(self, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The previous two rotations applied to column ``k`` of ``T̄``: ``(0, β_k, α_k) → (ε_k, δ_k, γ̄_k)``."""
+        epsilon = self.s_prev2 * self.coupling
+        delta_tmp = self.c_prev2 * self.coupling
+        delta = self.c_prev * delta_tmp + self.s_prev * alpha
+        gamma_bar = -self.s_prev * delta_tmp + self.c_prev * alpha
+        return epsilon, delta, gamma_bar
+
+    def _remember_trusted(self, going: torch.Tensor, a_r: torch.Tensor, z_norm: torch.Tensor) -> None:
+        """Keep ``z_{k-1}`` as the best trusted iterate if its ``‖A r‖ / ‖r‖`` is the least so far.
+
+        Its recurrence residual is trusted while the rounding of ``b - A x``, about ``ε ‖A‖ ‖x‖``, stays below
+        1% of it (``_HONEST``).
+        """
+        trusted = self.eps * self.a_norm * (self.x0_norm + z_norm) <= _HONEST * self.phi_bar.abs()
+        better = going & trusted & (a_r < self.best_ar)
+        self.best_ar, self.best_z = torch.where(better, a_r, self.best_ar), torch.where(better, self.z, self.best_z)
+        self.has_best, self.best_is_z = self.has_best | better, self.best_is_z | better
+
+    def _least_squares(self, a_r: torch.Tensor) -> torch.Tensor:
+        """Least-squares test: ``x_{k-1}`` is a least-squares solution to working accuracy, ``‖A r‖ ≤ √ε ‖A‖ ‖r‖``.
+
+        Step ``k`` would divide by ``γ_k ≥ a_r``, tiny, and move ``x`` along a direction of near-zero curvature
+        (on an inconsistent system, without end). This also covers a breakdown with a singular reduced system
+        (``γ_k ≤ 100 ε ‖A‖``, Paige & Saunders' Acond test). Where it holds, ``x_{k-1}`` is kept.
+        """
+        return a_r <= self.ls_tol * self.a_norm
+
+    def _update_iterate(self, going: torch.Tensor, gamma_bar: torch.Tensor, beta_next: torch.Tensor,
+                        delta: torch.Tensor, epsilon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The new rotation ``(c_k, s_k)``, direction ``d_k`` and, where ``going``, ``z_k`` and ``φ̄_k``."""
+        gamma = torch.hypot(gamma_bar, beta_next)  # ≥ a_r > 0 where going
+        c, s = gamma_bar / gamma, beta_next / gamma
+        d = (self.v - delta * self.d_prev - epsilon * self.d_prev2) / gamma
+        self.z = torch.where(going, self.z + (c * self.phi_bar) * d, self.z)
+        self.best_is_z = self.best_is_z & ~going
+        self.d_max = torch.where(going, torch.maximum(self.d_max, d.norm().double()), self.d_max)
+        self.phi_bar = torch.where(going, -s * self.phi_bar, self.phi_bar)
+        return c, s, d
+
+    def _shift(self, c: torch.Tensor, s: torch.Tensor, d: torch.Tensor, w: torch.Tensor, beta_next: torch.Tensor,
+               beta_next_: torch.Tensor) -> None:
+        """Where still active, step ``k`` becomes the previous one: directions, rotations, Lanczos vectors."""
+        active = self.active
+        self.d_prev2, self.d_prev = torch.where(active, self.d_prev, self.d_prev2), torch.where(active, d, self.d_prev)
+        self.c_prev2 = torch.where(active, self.c_prev, self.c_prev2)
+        self.s_prev2 = torch.where(active, self.s_prev, self.s_prev2)
+        self.c_prev, self.s_prev = torch.where(active, c, self.c_prev), torch.where(active, s, self.s_prev)
+        self.v_prev, self.v = torch.where(active, self.v, self.v_prev), torch.where(active, w / beta_next, self.v)
+        self.coupling = self.beta = torch.where(active, beta_next_, self.beta)
+
+    def read(self) -> _MinresOutcome:
+        """The flags and scalars the host needs, in one transfer."""
+        host = self.operand.fetch_floats(self.active, self.converged, self.breakdown, self.too_large, self.phi_bar,
+                                         self.a_norm, self.d_max, self.has_best, self.best_is_z)
+        active, converged, breakdown, too_large, phi_bar, a_norm, d_max, has_best, best_is_z = host
+        return _MinresOutcome(
+            active=bool(active), converged=bool(converged), breakdown=bool(breakdown), too_large=bool(too_large),
+            residual_norm=abs(phi_bar), a_norm=a_norm, d_max=d_max, has_best=bool(has_best),
+            best_is_z=bool(best_is_z),
+        )
+
+
+def _recurrence_trusted(operand: Operand, outcome: _MinresOutcome, x: torch.Tensor, threshold: float) -> bool:
+    """Whether MINRES's recurrence residual can be taken for ``‖b - A x‖`` of the returned ``x``.
+
+    Not once ``ε Acond² ≥ 1``: it can then be off by as much as ``‖b‖`` (its gap grows like ``ε κ(A)² ‖b‖``,
+    Sleijpen, van der Vorst & Modersitzki 2000), nor after the size test. Nor when the rounding ``ε ‖A‖ ‖x‖`` of
+    ``b - A x`` is not small next to what it claims: converged, next to the threshold (the recurrence keeps
+    shrinking while the true residual stalls at that rounding); short of convergence, next to the residual (an
+    inconsistent system has then run on past its least-squares point, where ``x`` grows along near-null
+    directions and the recurrence parts from the truth: measured 1e-3 against 6e13). At a breakdown it is
+    trusted. One host read (``‖x‖``) where the last test is needed.
+    """
+    eps = 2 * operand.unit_roundoff
+    if outcome.too_large or eps * (outcome.a_norm * outcome.d_max) ** 2 >= 1:
+        return False
+    if outcome.breakdown:
+        return True
+    (x_norm,) = operand.fetch_floats(x.norm())
+    return not eps * outcome.a_norm * x_norm > _HONEST * (threshold if outcome.converged else outcome.residual_norm)

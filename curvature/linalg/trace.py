@@ -31,6 +31,7 @@ import torch
 
 from .._checks import check_count
 from ..sampling import check_distribution, resolve_generator
+from ._gram_schmidt import project_out
 from ._operand import Operand
 
 __all__ = ["MIN_MATVECS", "Estimate", "TRACE_METHODS", "frobenius_norm", "probe_blocks", "trace"]
@@ -236,7 +237,7 @@ def _hutchpp(operand: Operand, m: int, distribution: str, generator: torch.Gener
     low_rank = (Q * (operand @ Q)).sum().double()
     samples = []
     for G in probe_blocks(operand, m - 2 * sketch, distribution, generator):
-        G = G - Q @ (Q.T @ G)
+        G, _ = project_out(Q, G)  # deflated once, as Hutch++ is defined
         samples.append((G * (operand @ G)).sum(0))
     return _mean_estimate(torch.cat(samples), operand, offset=low_rank)
 
