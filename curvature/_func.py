@@ -20,9 +20,8 @@ from typing import Any, Callable
 import torch
 from torch.func import functional_call, grad, jvp, vjp
 
-__all__ = ["ggn_vp", "gradient", "hvp", "model_outputs", "vjp_batched", "vjp_columns"]
+__all__ = ["call_model", "ggn_vp", "gradient", "hvp", "model_outputs", "vjp_batched", "vjp_columns"]
 
-_vmap_fallback_warned = False
 
 
 def _detach_tree(tree: Any) -> Any:
@@ -111,14 +110,40 @@ def ggn_vp(
     return out if create_graph else _detach_tree(out)
 
 
+def _arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The one dispatch of inputs: ``model(**x)`` for a dict, ``model(*x)`` for a tuple or list, else ``model(x)``."""
+    if isinstance(inputs, dict):
+        return (), inputs
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def call_model(model: Callable[..., Any], inputs: Any) -> Any:
+    """Call ``model`` on a batch's inputs as the operators do: ``model(x)``, ``model(*x)`` or ``model(**x)``.
+
+    Args:
+        model: The model (any callable).
+        inputs: The batch's inputs.
+
+    Returns:
+        The model's outputs.
+
+    Example:
+        >>> call_model(lambda a, b: a + b, (torch.ones(1), torch.ones(1)))
+        tensor([2.])
+    """
+    args, kwargs = _arguments(inputs)
+    return model(*args, **kwargs)
+
+
 def model_outputs(
     model: torch.nn.Module, params_and_buffers: dict[str, torch.Tensor], inputs: Any
 ) -> torch.Tensor:
     """Call ``model`` functionally on ``inputs`` with the given parameters and buffers.
 
-    ``inputs`` is passed as ``model(x)`` for a tensor, ``model(*x)`` for a tuple or list and
-    ``model(**x)`` for a dict. Buffers are passed explicitly (see DESIGN.md: a buffer captured from the
-    module breaks ``torch.func`` transforms).
+    ``inputs`` is dispatched as :func:`call_model` does. Buffers are passed explicitly (see DESIGN.md: a buffer
+    captured from the module breaks ``torch.func`` transforms).
 
     Args:
         model: The module.
@@ -128,11 +153,8 @@ def model_outputs(
     Returns:
         The model's outputs.
     """
-    if isinstance(inputs, dict):
-        return functional_call(model, params_and_buffers, (), inputs)
-    if isinstance(inputs, (tuple, list)):
-        return functional_call(model, params_and_buffers, tuple(inputs))
-    return functional_call(model, params_and_buffers, (inputs,))
+    args, kwargs = _arguments(inputs)
+    return functional_call(model, params_and_buffers, args, kwargs)
 
 
 def gradient(
@@ -210,14 +232,14 @@ def vjp_columns(
         inputs: Leaves to differentiate with respect to.
         cotangents: One tensor of shape ``(k, *output.shape)`` per output.
         vectorize: Push all ``k`` cotangents through the graph at once with ``is_grads_batched`` (vmap);
-            if the graph cannot be vmapped, a one-time warning is emitted and a loop is used.
+            if the graph cannot be vmapped, a loop is used, with a ``RuntimeWarning`` that the ``warnings``
+            filters show once per place and reason by default (``warnings.simplefilter("always")``: every time).
         retain_graph: Keep the graph after the last column (False: this is its last use).
         create_graph: Keep the products differentiable (the graph is then always retained).
 
     Returns:
         One tensor of shape ``(k, *input.shape)`` per input.
     """
-    global _vmap_fallback_warned
     k = cotangents[0].shape[0]
     outs, cots = _differentiable(outputs, cotangents)
     if not outs:
@@ -227,14 +249,14 @@ def vjp_columns(
             # The graph is kept even on its last use: if vmap fails half-way, the loop below needs it whole.
             return vjp_batched(outs, inputs, cots, create_graph=create_graph)
         except RuntimeError as err:  # an op without a batching rule
-            if not _vmap_fallback_warned:
-                warnings.warn(
-                    f"vectorized products are not supported by this model ({str(err).splitlines()[0]}); "
-                    "falling back to one backward pass per column. Pass vectorize=False to silence this.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                _vmap_fallback_warned = True
+            # Shown once per place by the warnings registry (Python's "default" action), not by a flag of ours:
+            # warnings.simplefilter("always") shows every one, "ignore" none, "error" raises.
+            warnings.warn(
+                f"vectorized products are not supported by this model ({str(err).splitlines()[0]}); "
+                "falling back to one backward pass per column. Pass vectorize=False to silence this.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     columns = [
         _filled(torch.autograd.grad(outs, inputs, [c[j] for c in cots], allow_unused=True, create_graph=create_graph,
                                     retain_graph=retain_graph or create_graph or j + 1 < k), inputs, ())

@@ -20,9 +20,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vjp
+from torch.func import grad, vjp
 from torch.utils import _pytree as pytree
 
+from ._func import model_outputs
 from .operators.curvature import select_parameters
 from .operators.data import Data, to_device
 
@@ -88,10 +89,7 @@ class _Setup:
             size = shape.numel()
             state[name] = theta[offset:offset + size].reshape(shape)
             offset += size
-        x = self.inputs
-        if isinstance(x, dict):
-            return functional_call(self.model, state, (), x)
-        return functional_call(self.model, state, tuple(x) if isinstance(x, (tuple, list)) else (x,))
+        return model_outputs(self.model, state, self.inputs)
 
     def loss(self, theta: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.outputs(theta), self.targets)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .._tree import map_leaves
 from .errors import UsageError, _describe
 
 __all__ = ["resolve_device"]
@@ -51,13 +52,13 @@ def resolve_device(name: str) -> torch.device:
 
 def _cast(obj: Any, dtype: torch.dtype, device: torch.device) -> Any:
     """Move every tensor in a nested container to ``device``; floating ones also to ``dtype``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device=device, dtype=dtype if obj.is_floating_point() else obj.dtype)
-    if isinstance(obj, dict):
-        return {key: _cast(value, dtype, device) for key, value in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_cast(value, dtype, device) for value in obj)
-    return obj
+
+    def cast(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    return map_leaves(cast, obj)
 
 
 class _CastBatches:

@@ -11,17 +11,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .._func import call_model
 from ..operators.data import batch_size, is_single_batch
 from .errors import UsageError, _describe, _one_line
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    """Call the model as the operators do: ``model(x)``, ``model(*x)`` or ``model(**x)``."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 @contextlib.contextmanager
@@ -57,7 +49,7 @@ def _check_fit(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: Any
                 raise UsageError(f"--data: batch {index}: {_one_line(str(error))}") from error
             try:
                 with _warnings_unless_failing():
-                    outputs = _call(model, inputs)
+                    outputs = call_model(model, inputs)  # as the operators call it
             except Exception as error:
                 raise UsageError(
                     f"the data does not fit the model: the forward pass on batch {index} raised {_describe(error)}"

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
+from .._tree import leaves, map_leaves, paired_leaves
+
 __all__ = ["Data", "batch_size", "floating_tensors", "is_single_batch", "split_batch", "to_device"]
 
 
@@ -58,25 +60,9 @@ def to_device(obj: Any, device: torch.device) -> Any:
     Returns:
         The same structure on ``device``.
     """
-    if isinstance(obj, torch.Tensor):
-        # Asynchronous only towards an accelerator: a device-to-host copy must finish before it is read.
-        return obj.to(device, non_blocking=device.type != "cpu")
-    if isinstance(obj, dict):
-        return {key: to_device(val, device) for key, val in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(val, device) for val in obj)
-    return obj
-
-
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
-    for val in values:
-        found = _first_tensor(val)
-        if found is not None:
-            return found
-    return None
+    # Asynchronous only towards an accelerator: a device-to-host copy must finish before it is read.
+    non_blocking = device.type != "cpu"
+    return map_leaves(lambda t: t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t, obj)
 
 
 def batch_size(inputs: Any) -> int:
@@ -91,7 +77,7 @@ def batch_size(inputs: Any) -> int:
     Raises:
         ValueError: If the inputs hold no tensor with a batch dimension.
     """
-    first = _first_tensor(inputs)
+    first = next((t for t in leaves(inputs) if isinstance(t, torch.Tensor)), None)
     if first is None or first.ndim == 0:
         raise ValueError("cannot tell the batch size: the inputs hold no tensor with a leading batch dimension.")
     return int(first.shape[0])
@@ -106,23 +92,23 @@ def floating_tensors(obj: Any) -> Iterator[torch.Tensor]:
     Yields:
         The floating-point tensors.
     """
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
-            yield obj
-    elif isinstance(obj, dict):
-        for val in obj.values():
-            yield from floating_tensors(val)
-    elif isinstance(obj, (tuple, list)):
-        for val in obj:
-            yield from floating_tensors(val)
+    return (t for t in leaves(obj) if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
 def _same_batches(a: Any, b: Any) -> bool:
-    """Whether two batches hold the same structure and identical tensors (NaN where NaN was).
+    """Whether two batches hold the same containers and identical tensors (NaN where NaN was).
 
-    Leaves that are neither tensors nor containers are compared with ``==`` where that gives one truth value
-    (NumPy arrays with ``array_equal``); leaves that cannot be compared count as equal (nothing to refuse on).
+    Leaves that are not tensors are compared with ``==`` where that gives one truth value (NumPy arrays with
+    ``array_equal``); leaves that cannot be compared count as equal (nothing to refuse on).
     """
+    try:
+        return all(_same_leaf(x, y) for x, y in paired_leaves(a, b))
+    except ValueError:  # other containers, keys or lengths
+        return False
+
+
+def _same_leaf(a: Any, b: Any) -> bool:
+    """Whether a leaf of one batch equals what the other batch holds in its place."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
@@ -132,10 +118,6 @@ def _same_batches(a: Any, b: Any) -> bool:
         if a.is_floating_point() or a.is_complex():  # NaN marks (missing labels, masks) equal NaN
             return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))
         return bool(torch.equal(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_batches(a[key], b[key]) for key in a)
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same_batches(x, y) for x, y in zip(a, b))
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         try:
             return bool(np.array_equal(a, b, equal_nan=True))
@@ -397,16 +379,8 @@ def split_batch(obj: Any, start: int, stop: int, size: int) -> tuple[bool, Any]:
         ``(True, sliced)``, or ``(False, None)`` when a tensor does not have ``size`` samples along its leading
         dimension (the batch cannot be split by samples). Leaves that are not tensors are kept whole.
     """
-    if obj is None:
-        return True, None
-    if isinstance(obj, torch.Tensor):
-        if obj.ndim == 0 or obj.shape[0] != size:
-            return False, None
-        return True, obj[start:stop]
-    if isinstance(obj, dict):
-        parts = {key: split_batch(val, start, stop, size) for key, val in obj.items()}
-        return all(ok for ok, _ in parts.values()), {key: val for key, (_, val) in parts.items()}
-    if isinstance(obj, (tuple, list)):
-        pieces = [split_batch(val, start, stop, size) for val in obj]
-        return all(ok for ok, _ in pieces), type(obj)(val for _, val in pieces)
-    return True, obj  # a non-tensor leaf (a flag, a string) belongs to every part
+    tensors = (t for t in leaves(obj) if isinstance(t, torch.Tensor))
+    if any(t.ndim == 0 or t.shape[0] != size for t in tensors):
+        return False, None
+    # A leaf that is not a tensor (a flag, a string, None) belongs to every part.
+    return True, map_leaves(lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t, obj)
