@@ -1,8 +1,7 @@
-"""Pieces shared by the benchmark scripts in this folder: the problem container and the load report."""
+"""The problem container shared by the benchmark scripts (the harness itself is _harness.py)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +42,3 @@ class Problem:
         """The number of samples ``N``."""
         return self.x.shape[0]
 
-
-def print_load() -> None:
-    """Other processes on a 2-core machine distort timings: show the load next to the numbers."""
-    if hasattr(os, "getloadavg"):
-        print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))

@@ -22,11 +22,10 @@ Run:  python benchmarks/distributed.py        # --repeats 5 --products 3 --pause
 
 import os
 
-os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see README
+os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see _harness.py
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -35,7 +34,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-from _common import print_load  # noqa: E402
+from _harness import environment_header  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -139,9 +138,8 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=3)
     parser.add_argument("--pause", type=float, default=3.0, help="seconds after the two-thread variant")
     args = parser.parse_args()
-    print(f"{datetime.date.today()} | {platform.processor() or platform.machine()} | {os.cpu_count()} cores | "
-          f"torch {torch.__version__} | gloo on loopback | GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
-    print_load()
+    torch.set_num_threads(1)  # what each rank runs with (this process only waits): the header shows it
+    environment_header("2 processes, gloo on loopback")
     with tempfile.TemporaryDirectory() as directory:
         mp.start_processes(run, args=(2, os.path.join(directory, "rendezvous"), args), nprocs=2,
                            start_method="spawn")

@@ -12,7 +12,7 @@ commit on ``PYTHONPATH``, whose test registry may lack newer cases) is measured 
 
 import os
 
-os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see README
+os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see _harness.py
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
@@ -20,6 +20,7 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from _harness import environment_header  # noqa: E402
 
 import curvature  # noqa: E402
 
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    environment_header(f"seeds {args.seeds}")
     dense = dense_operators(args.dense)
     print(f"curvature {curvature.__version__} from {Path(curvature.__file__).parent}")
     for tol in (1e-3, 1e-6):

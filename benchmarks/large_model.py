@@ -34,17 +34,13 @@ from __future__ import annotations
 
 import os
 
-# Keep OpenMP workers spinning between parallel regions (as the other benchmarks do); before torch is loaded.
-os.environ.setdefault("GOMP_SPINCOUNT", "100000000")
+os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see _harness.py
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -52,7 +48,7 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
-from _common import print_load  # noqa: E402  (the script's directory is on sys.path)
+from _harness import Row, environment_header, print_load, round_robin, spread_note, synchronize  # noqa: E402
 from _transformer import GPTConfig, NextTokenLM, block_names, gpt_20m, num_params, token_batch  # noqa: E402
 
 import curvature  # noqa: E402
@@ -75,8 +71,7 @@ class Setup:
     vectors: dict  # restriction (None: all parameters) -> the vector v of the products, made with the data
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
 
 def build(args: argparse.Namespace, warmup: bool = False) -> Setup:
@@ -99,12 +94,12 @@ def restrictions(model: torch.nn.Module) -> dict[str, list[str]]:
     return {"last block": block_names(model, [-1]), "last 2 blocks": block_names(model, [-2, -1])}
 
 
-# -- rows: each is (label, P, prepare); prepare() does the untimed work and returns the timed call --------
+# -- entries of the table: (label, P, prepare); prepare() does the untimed work and returns the timed call ----
 # Nothing is allocated before prepare(); the vectors v were made with the data (they are in the baseline).
-Row = tuple[str, int, Callable[[], Callable[[], object]]]
+Entry = tuple[str, int, Callable[[], Callable[[], object]]]
 
 
-def rows(setup: Setup) -> list[Row]:
+def rows(setup: Setup) -> list[Entry]:
     model, loss_fn, data = setup.model, setup.loss_fn, setup.data
     params = [p for p in model.parameters() if p.requires_grad]
     restricted = restrictions(model)
@@ -132,7 +127,7 @@ def rows(setup: Setup) -> list[Row]:
         return prepare
 
     P = num_params(model)
-    out: list[Row] = [(GRAD, P, gradient), (DOUBLE_BACKWARD, P, double_backward)]
+    out: list[Entry] = [(GRAD, P, gradient), (DOUBLE_BACKWARD, P, double_backward)]
     for sym, cls in (("H", curvature.HessianOperator), ("G", curvature.GGNOperator)):
         out += [(f"{sym} @ v, one-shot", P, one_shot(cls, None)),
                 (f"{sym} @ v, one-shot, keep_graph=False", P, one_shot(cls, None, keep_graph=False)),
@@ -236,25 +231,16 @@ def memory_in_subprocess(label: str, args: argparse.Namespace) -> dict[str, obje
 
 
 # -- time: round-robin in this process ----------------------------------------------------------------------
-def time_rows(setup: Setup, table: list[Row], repeats: int) -> dict[str, list[float]]:
-    """Each round runs every row once, in an order shuffled per round (fixed seed).
+def time_rows(setup: Setup, table: list[Entry], repeats: int) -> dict[str, Row]:
+    """One warm-up round, then ``repeats`` rounds that run every row once, in an order shuffled per round.
 
     A row's time depends on its predecessor: after a small row (the gradient) the allocator has given the
     pages back, and a row that builds a 2 GB graph faults them in again (up to 2 s slower, measured with a
-    fixed order). Shuffling turns that order effect into noise that the median discards.
+    fixed order). Shuffling (fixed seed) turns that order effect into noise that the median discards.
     """
-    calls = [(label, prepare()) for label, _, prepare in table]
-    times: dict[str, list[float]] = {label: [] for label, _ in calls}
-    schedule = random.Random(0)
-    for rep in range(repeats + 1):  # round 0 is the warm-up
-        for label, fn in schedule.sample(calls, len(calls)):
-            setup.sync()
-            start = time.perf_counter()
-            fn()
-            setup.sync()
-            if rep:
-                times[label].append(time.perf_counter() - start)
-    return times
+    timed = [Row(label, prepare()) for label, _, prepare in table]
+    round_robin(timed, repeats, warmup=1, device=setup.device, order=random.Random(0))
+    return {row.label: row for row in timed}
 
 
 def main() -> None:
@@ -277,10 +263,7 @@ def main() -> None:
 
     setup = build(args)
     cfg = quick_config() if args.quick else gpt_20m()
-    device_name = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else platform.machine()
-    print(f"{datetime.date.today().isoformat()} | {device_name} | torch {torch.__version__} | threads "
-          f"{torch.get_num_threads()} | repeats {args.repeats} | GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}")
-    print_load()
+    environment_header(f"repeats {args.repeats}", device=setup.device)
     print(f"\nGPT {cfg}\nP = {num_params(setup.model)} parameters, {args.dtype}, batch {args.batch} x {args.seq} "
           f"tokens, CrossEntropyLoss over {args.batch * args.seq} positions, device {args.device}\n")
 
@@ -289,7 +272,7 @@ def main() -> None:
     memory[LAMBDA] = memory_in_subprocess(LAMBDA, args)
     times = time_rows(setup, table, args.repeats)
 
-    grad_t, grad_min = statistics.median(times[GRAD]), min(times[GRAD])
+    grad = times[GRAD].stats()
     grad_m = memory[GRAD]["peak_bytes"]
     what = "peak RSS" if setup.device.type == "cpu" else "peak allocated"
     print(f"| row | P | median s | min s | x gradient (median) | x gradient (min) | {what} above baseline MB "
@@ -297,22 +280,18 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     disturbed = 0
     for label, size, _ in table:
-        ts, m = times[label], memory[label]["peak_bytes"]
-        t = statistics.median(ts)
-        q1, _, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (t, t, t)
-        flag = " *" if q3 > 1.5 * q1 else ""
-        disturbed += bool(flag)
-        print(f"| {label} | {size:,} | {t:.3f}{flag} | {min(ts):.3f} | {t / grad_t:.2f} | {min(ts) / grad_min:.2f} "
-              f"| {m / MB:,.0f} | {m / grad_m:.2f} |")
+        st, m = times[label].stats(), memory[label]["peak_bytes"]
+        disturbed += st.disturbed
+        print(f"| {label} | {size:,} | {st.median:.3f}{st.mark} | {st.min:.3f} | {st.median / grad.median:.2f} "
+              f"| {st.min / grad.min:.2f} | {m / MB:,.0f} | {m / grad_m:.2f} |")
     lam = memory[LAMBDA]
     names = restrictions(setup.model)["last block"]
     size = sum(p.numel() for n, p in setup.model.named_parameters() if n in names)
     print(f"| {LAMBDA}: {lam['value']:.4g} in {lam['num_matvecs']} products"
           f"{'' if lam['converged'] else ' (not converged)'} | {size:,} | {lam['seconds']:.3f} (1 run) | | "
-          f"{lam['seconds'] / grad_t:.2f} | | {lam['peak_bytes'] / MB:,.0f} | {lam['peak_bytes'] / grad_m:.2f} |")
+          f"{lam['seconds'] / grad.median:.2f} | | {lam['peak_bytes'] / MB:,.0f} | {lam['peak_bytes'] / grad_m:.2f} |")
     if disturbed:
-        print(f"\n* {disturbed} rows have q3 > 1.5 q1: other processes took the cores during part of the run; "
-              "compare the min columns, or re-run on a quiet machine.")
+        print(f"\n{spread_note(disturbed, len(table))}")
     base = memory[GRAD]["baseline_bytes"]
     param_bytes = num_params(setup.model) * torch.finfo(getattr(torch, args.dtype)).bits // 8
     print(f"\nbaseline ({'RSS' if setup.device.type == 'cpu' else 'allocated'} with model, data and v, before any "

@@ -12,17 +12,15 @@ Run:  python benchmarks/monitor.py      # --steps 2000 --every 20
 
 import os
 
-os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see README
+os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see _harness.py
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import datetime  # noqa: E402
-import platform  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from _common import print_load  # noqa: E402
+from _harness import environment_header  # noqa: E402
 
 import curvature  # noqa: E402
 
@@ -36,9 +34,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"{datetime.date.today()} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
-          f"threads 1 | GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
-    print_load()
+    environment_header()
     x, y = problem()
     model = network(seed=1)
     monitors = {}

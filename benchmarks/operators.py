@@ -15,23 +15,17 @@ See benchmarks/README.md for the peer environment and recorded results.
 
 import os
 
-# Keep OpenMP workers spinning between the many short parallel regions of small products; this must be set
-# before torch (and with it libgomp) is loaded.
-os.environ.setdefault("GOMP_SPINCOUNT", "100000000")
+os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see _harness.py
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import datetime  # noqa: E402
-import importlib.metadata  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
 import torch  # noqa: E402
-from _common import Problem, print_load  # noqa: E402  (benchmarks/_common.py: the script's directory is on sys.path)
+from _common import Problem  # noqa: E402  (benchmarks/_common.py: the script's directory is on sys.path)
+from _harness import Row, Stats, environment_header, peer_versions, print_load, round_robin, spread_note  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call, grad, jvp  # noqa: E402
 
@@ -165,13 +159,6 @@ def curvlinops_operators(pb: Problem) -> Optional[tuple]:
 
 
 # -- rows ------------------------------------------------------------------------------------------------
-@dataclass
-class Row:
-    label: str
-    fn: Callable[[], torch.Tensor]
-    section: str  # "k=1" or "k=16"
-
-
 def curvature_rows(pb: Problem, v: torch.Tensor, V: torch.Tensor) -> tuple[list[Row], list[Row]]:
     """The baselines and curvature's rows as (k=1 rows, k=16 rows); operators are built outside the timing."""
     H, G = curvature.HessianOperator(*pb.args), curvature.GGNOperator(*pb.args)
@@ -179,21 +166,21 @@ def curvature_rows(pb: Problem, v: torch.Tensor, V: torch.Tensor) -> tuple[list[
     H_fresh = curvature.HessianOperator(*pb.args, keep_graph=False)
     G_fresh = curvature.GGNOperator(*pb.args, keep_graph=False)
     k1 = [
-        Row(GRAD, lambda: gradient(pb), "k=1"),
-        Row(DB, lambda: double_backward_hvp(pb, v), "k=1"),
-        Row(FOR, lambda: func_hvp(pb, v), "k=1"),
-        Row(HV, lambda: H @ v, "k=1"),
-        Row(HV_FRESH, lambda: H_fresh @ v, "k=1"),
-        Row(HV_ONESHOT, lambda: curvature.HessianOperator(*pb.args) @ v, "k=1"),
-        Row(GV, lambda: G @ v, "k=1"),
-        Row(GV_FRESH, lambda: G_fresh @ v, "k=1"),
+        Row(GRAD, lambda: gradient(pb), group="k=1"),
+        Row(DB, lambda: double_backward_hvp(pb, v), group="k=1"),
+        Row(FOR, lambda: func_hvp(pb, v), group="k=1"),
+        Row(HV, lambda: H @ v, group="k=1"),
+        Row(HV_FRESH, lambda: H_fresh @ v, group="k=1"),
+        Row(HV_ONESHOT, lambda: curvature.HessianOperator(*pb.args) @ v, group="k=1"),
+        Row(GV, lambda: G @ v, group="k=1"),
+        Row(GV_FRESH, lambda: G_fresh @ v, group="k=1"),
     ]
     kk = [
-        Row(HM, lambda: H @ V, f"k={K}"),
-        Row(HM_VEC, lambda: H_vec @ V, f"k={K}"),
-        Row(HM_FRESH, lambda: H_fresh @ V, f"k={K}"),
-        Row(HM_COLS, lambda: columns(H.__matmul__, V), f"k={K}"),
-        Row(DB_COLS, lambda: columns(lambda c: double_backward_hvp(pb, c), V), f"k={K}"),
+        Row(HM, lambda: H @ V, group=f"k={K}"),
+        Row(HM_VEC, lambda: H_vec @ V, group=f"k={K}"),
+        Row(HM_FRESH, lambda: H_fresh @ V, group=f"k={K}"),
+        Row(HM_COLS, lambda: columns(H.__matmul__, V), group=f"k={K}"),
+        Row(DB_COLS, lambda: columns(lambda c: double_backward_hvp(pb, c), V), group=f"k={K}"),
     ]
     return k1, kk
 
@@ -205,14 +192,14 @@ def peer_rows(pb: Problem, v: torch.Tensor, V: torch.Tensor) -> tuple[list[Row],
     if pyh is None:
         notes.append("pyhessian is not importable: its rows are skipped.")
     else:
-        k1.append(Row(PYH_HV, lambda: pyh(v), "k=1"))
-        kk.append(Row(PYH_COLS, lambda: columns(pyh, V), f"k={K}"))
+        k1.append(Row(PYH_HV, lambda: pyh(v), group="k=1"))
+        kk.append(Row(PYH_COLS, lambda: columns(pyh, V), group=f"k={K}"))
     cl = curvlinops_operators(pb)
     if cl is None:
         notes.append("curvlinops is not importable: its rows are skipped.")
     else:
-        k1 += [Row(CL_HV, lambda: cl[0] @ v, "k=1"), Row(CL_GV, lambda: cl[1] @ v, "k=1")]
-        kk.append(Row(CL_HM, lambda: cl[0] @ V, f"k={K}"))
+        k1 += [Row(CL_HV, lambda: cl[0] @ v, group="k=1"), Row(CL_GV, lambda: cl[1] @ v, group="k=1")]
+        kk.append(Row(CL_HM, lambda: cl[0] @ V, group=f"k={K}"))
     return k1, kk, notes
 
 
@@ -241,7 +228,7 @@ def check_products(pb: Problem, rows: list[Row], v: torch.Tensor, V: torch.Tenso
         if row.label in (GRAD, DB, DB_COLS):
             continue
         kind = "G" if " G @" in row.label else "H"
-        diff = rel_diff(row.fn(), refs[f"{kind} {row.section}"])
+        diff = rel_diff(row.fn(), refs[f"{kind} {row.group}"])
         worst = max(worst, diff)
         print(f"  {row.label:<48} vs double-backward {'GGN' if kind == 'G' else 'HVP'}: {diff:.1e}")
     print(f"  max relative difference: {worst:.1e} ({'OK' if worst < CHECK_TOL else 'FAIL'}, tolerance {CHECK_TOL})")
@@ -249,80 +236,32 @@ def check_products(pb: Problem, rows: list[Row], v: torch.Tensor, V: torch.Tenso
 
 
 # -- timing ----------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_round_robin(rows: list[Row], reps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
-    """Time ``rows`` round-robin: after ``warmup`` rounds, each of ``reps`` rounds runs every row once, in order.
-
-    Returns:
-        The times in ms of every row, one per round.
-    """
-    for _ in range(warmup):
-        for row in rows:
-            row.fn()
-    times: dict[str, list[float]] = {r.label: [] for r in rows}
-    for _ in range(reps):
-        # Untimed: the first row after the previous round's last one (e.g. curvlinops' vmapped product,
-        # which frees large buffers) measured 5-20% slow, an order effect that this call absorbs.
-        rows[0].fn()
-        for row in rows:
-            sync(device)
-            start = time.perf_counter()
-            row.fn()
-            sync(device)
-            times[row.label].append(1e3 * (time.perf_counter() - start))
-    return times
-
-
-def time_sections(rows: list[Row], reps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
-    """Time each section (k=1, k=16) round-robin on its own.
+def time_sections(rows: list[Row], reps: int, warmup: int, device: torch.device) -> None:
+    """Time each section (k=1, k=16) round-robin on its own, each round led by an untimed call of its first row.
 
     Mixing them in one round slows the rows that follow the k=16 products by up to 3x (the allocator
     gives their large buffers back to the system, and the next forward passes fault the pages in again),
-    which would inflate the gradient baseline.
+    which would inflate the gradient baseline. The lead-in call absorbs a smaller order effect: the first row
+    after the previous round's last one (e.g. curvlinops' vmapped product, which frees large buffers) measured
+    5-20% slow.
     """
-    times: dict[str, list[float]] = {}
-    for section in dict.fromkeys(r.section for r in rows):
-        times.update(time_round_robin([r for r in rows if r.section == section], reps, warmup, device))
-    return times
+    for section in dict.fromkeys(r.group for r in rows):
+        round_robin([r for r in rows if r.group == section], reps, warmup, device=device, lead_in=True)
 
 
-@dataclass
-class Stats:
-    median: float
-    q1: float
-    q3: float
-    min: float
-
-    @classmethod
-    def of(cls, ts: list[float]) -> "Stats":
-        q1, _, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0],) * 3
-        return cls(statistics.median(ts), q1, q3, min(ts))
-
-    @property
-    def disturbed(self) -> bool:
-        """A wide spread: other processes took the cores during part of the repetitions."""
-        return self.q3 > 1.5 * self.q1
-
-
-def print_table(rows: list[Row], times: dict[str, list[float]]) -> dict[str, Stats]:
-    stats = {label: Stats.of(ts) for label, ts in times.items()}
+def print_table(rows: list[Row]) -> dict[str, Stats]:
+    """Print the table of medians in ms, with IQR, minimum and ratios to the first row (the gradient)."""
+    stats = {row.label: row.stats(1e3) for row in rows}
     base = stats[rows[0].label]
     print("| row | k | median ms | IQR ms | min ms | x gradient (median) | x gradient (min) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
         st = stats[row.label]
-        flag = " *" if st.disturbed else ""
-        print(f"| {row.label} | {row.section[2:]} | {st.median:.2f}{flag} | {st.q1:.2f}-{st.q3:.2f} | {st.min:.2f} "
+        print(f"| {row.label} | {row.group[2:]} | {st.median:.2f}{st.mark} | {st.q1:.2f}-{st.q3:.2f} | {st.min:.2f} "
               f"| {st.median / base.median:.2f} | {st.min / base.min:.2f} |")
     num_disturbed = sum(st.disturbed for st in stats.values())
     if num_disturbed:
-        print(f"\n* {num_disturbed} of {len(stats)} rows have q3 > 1.5 q1: other processes competed for the cores "
-              "during part of the run, so their medians (and ratios) are unreliable; compare the min columns, "
-              "or re-run on a quiet machine.")
+        print(f"\n{spread_note(num_disturbed, len(stats))}")
     return stats
 
 
@@ -390,23 +329,12 @@ def run_problem(pb: Problem, reps: int, warmup: int, device: torch.device) -> li
     if check_products(pb, rows, v, V) >= CHECK_TOL:
         raise SystemExit(f"{pb.name}: products disagree; not timing them.")
     print()
-    stats = print_table(rows, time_sections(rows, reps, warmup, device))
+    time_sections(rows, reps, warmup, device)
+    stats = print_table(rows)
     print("\ntargets (median ratio decides; info lines are not targets):")
     checks = targets(stats)
     print_targets(checks)
     return checks
-
-
-def print_machine(device: torch.device, reps: int) -> None:
-    peers = [f"{dist} {importlib.metadata.version(dist)}" for dist, module in PEER_DISTS.items() if module is not None]
-    print(f"# curvature operator benchmark, {datetime.date.today().isoformat()}")
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"cpu_count={os.cpu_count()}, torch threads={torch.get_num_threads()}")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, curvature {curvature.__version__}, "
-          f"peers: {', '.join(peers) or 'none'}")
-    print(f"device={device}, float32, {reps} round-robin repetitions, median reported; "
-          f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}")
-    print_load()
 
 
 def main() -> None:
@@ -420,7 +348,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
     device = torch.device(args.device)
-    print_machine(device, args.reps)
+    environment_header(f"device {device}", "float32", f"reps {args.reps}", f"warmup {args.warmup}",
+                       f"peers: {peer_versions(PEER_DISTS)}", device=device)
     summary = []
     for name in args.problems:
         torch.manual_seed(0)

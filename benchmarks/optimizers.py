@@ -30,21 +30,17 @@ Run:  python benchmarks/optimizers.py      # --reps 5 --threads 1
 
 import os
 
-os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see README
+os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see _harness.py
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import scipy.optimize  # noqa: E402
 import torch  # noqa: E402
-from _common import print_load  # noqa: E402
+from _harness import Row, environment_header, round_robin  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -64,7 +60,6 @@ class Outcome:
     losses: int
     grads: int
     hvps: int
-    seconds: float
     reached: bool
     grad_norm: float
     loss: float
@@ -278,18 +273,24 @@ METHODS = {
 }
 
 
-def measure(problem: str, name: str, method: Callable, max_steps: int) -> Outcome:
-    model, loss = PROBLEMS[problem]()
-    counted = Counted(model, loss)
-    start = time.perf_counter()
-    steps, hvps = method(problem, counted, max_steps)
-    seconds = time.perf_counter() - start
+def method_row(problem: str, name: str, method: Callable, max_steps: int) -> Row:
+    """A timed run of ``method`` from the start, on a problem built (untimed) before each run."""
+    def prepare(_: int) -> tuple[Counted]:
+        return (Counted(*PROBLEMS[problem]()),)
+
+    def run(counted: Counted) -> tuple[Counted, int, int]:
+        return (counted, *method(problem, counted, max_steps))
+
+    return Row(name, run, prepare, keep=True)
+
+
+def outcome(problem: str, counted: Counted, steps: int, hvps: int) -> Outcome:
+    """Where a run ended, checked after its timing."""
     ok = reached(problem, counted)
     with torch.no_grad():
-        value = float(loss())
+        value = float(counted.loss())
     # the closure counts loss calls of our optimizers; gradients of ours are one per differentiated call
-    return Outcome(steps, counted.losses, counted.grads, hvps, seconds, ok, counted.grad_norm(), value,
-                   counted.theta())
+    return Outcome(steps, counted.losses, counted.grads, hvps, ok, counted.grad_norm(), value, counted.theta())
 
 
 def optimum() -> torch.Tensor:
@@ -327,17 +328,11 @@ def product_costs(problem: str, reps: int = 200) -> None:
     def product() -> None:
         point.hessian @ v
 
-    calls = {"gradient": gradient, "gradient with graph": graph, "Hessian product (kept graph)": product}
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(reps):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["gradient"])
+    rows = [Row("gradient", gradient), Row("gradient with graph", graph), Row("Hessian product (kept graph)", product)]
+    round_robin(rows, reps)
+    base = rows[0].median
     print(f"\n(c) {problem}: " + ", ".join(
-        f"{name} {1e3 * statistics.median(t):.3f} ms ({statistics.median(t) / base:.2f} gradients)"
-        for name, t in times.items()))
+        f"{row.label} {1e3 * row.median:.3f} ms ({row.median / base:.2f} gradients)" for row in rows))
 
 
 def main() -> None:
@@ -347,21 +342,15 @@ def main() -> None:
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{datetime.date.today()} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
-          f"scipy {scipy.__version__} | threads {args.threads} | reps {args.reps} | "
-          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
-    print_load()
+    environment_header(f"scipy {scipy.__version__}", f"reps {args.reps}")
     for problem in args.problems:
         methods = METHODS[problem]
         star = optimum() if problem == "logistic" else None
         max_steps = 200
-        seconds: dict[str, list[float]] = {name: [] for name in methods}
-        last: dict[str, Outcome] = {}
-        for _ in range(args.reps):  # round-robin: every method once per repetition
-            for name, method in methods.items():
-                outcome = measure(problem, name, method, max_steps)
-                seconds[name].append(outcome.seconds)
-                last[name] = outcome
+        rows = [method_row(problem, name, method, max_steps) for name, method in methods.items()]
+        round_robin(rows, args.reps)
+        seconds = {row.label: row.median for row in rows}
+        last = {row.label: outcome(problem, *row.results[-1]) for row in rows}
         target = "‖∇f‖ ≤ 1e-8" if problem == "logistic" else "training loss ≤ 1e-5"
         print(f"\n({'a' if problem == 'logistic' else 'b'}) {problem}: target {target}; seconds: median of "
               f"{args.reps}")
@@ -371,18 +360,18 @@ def main() -> None:
             head += f"{'θ error':>10s}"
         print(head)
         print("-" * len(head))
-        best = min(statistics.median(seconds[n]) for n in methods if last[n].reached)
+        best = min(seconds[n] for n in methods if last[n].reached)
         for name in methods:
             o = last[name]
             grads = "-" if o.grads == 0 and o.hvps else str(o.grads)
             row = (f"{name:26s}{'yes' if o.reached else 'no':>8s}{o.steps:7d}{o.losses:8d}{grads:>7s}{o.hvps:7d}"
-                   f"{statistics.median(seconds[name]):9.3f}{o.grad_norm:10.1e}{o.loss:11.4e}")
+                   f"{seconds[name]:9.3f}{o.grad_norm:10.1e}{o.loss:11.4e}")
             if star is not None:
                 row += f"{parameter_error(o.theta, star):10.1e}"
             print(row)
         print(f"fastest to the target: {best:.3f} s")
         if math.isfinite(best):
-            ratios = ", ".join(f"{n} {statistics.median(seconds[n]) / best:.1f}x" for n in methods if last[n].reached)
+            ratios = ", ".join(f"{n} {seconds[n] / best:.1f}x" for n in methods if last[n].reached)
             print(f"time relative to the fastest (methods that reached the target): {ratios}")
     for problem in args.problems:
         product_costs(problem)

@@ -33,16 +33,15 @@ Run (the project's own venv; a few seconds per model):
 
 import os
 
-os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see README
+os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see _harness.py
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
-import platform  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from _harness import environment_header  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the case registry
 
@@ -172,10 +171,7 @@ def main() -> None:
     parser.add_argument("--no-registry", action="store_true", help="skip part (c)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# curvature precision benchmark, {datetime.date.today().isoformat()}")
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"cpu_count={os.cpu_count()}, torch threads={torch.get_num_threads()}")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, curvature {curvature.__version__}")
+    environment_header()
     print("truth: the dense float64 Hessian (curvature.reference) of the model as cast to each dtype, and of the "
           "float64 model; estimators work in float32 at least (Operand.work_dtype), products in the model's dtype, "
           "half-precision results certified with float32 products (LinearOperator.higher_precision)")

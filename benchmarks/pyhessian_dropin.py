@@ -18,19 +18,17 @@ Run (in the peer environment, which has PyHessian; see README.md):
 
 import os
 
-os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see README
+os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see _harness.py
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import datetime  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import print_load  # noqa: E402
+from _harness import environment_header, peer_versions  # noqa: E402
 from _pyhessian import PYH_MODULE, PyHessianProducts, patched_torch_eig  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -135,9 +133,7 @@ def main() -> None:
     if PYH_MODULE is None:
         raise SystemExit("PyHessian is not installed here: run this in the peer environment (README.md).")
     torch.set_num_threads(args.threads)
-    print(f"{datetime.date.today()} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
-          f"threads {args.threads} | reps {args.reps} | GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
-    print_load()
+    environment_header(f"reps {args.reps}", f"peers: {peer_versions({'PyHessian': PYH_MODULE})}")
     counter = PyHessianProducts()
     for name, make in (("CNN with batch norm, 32 images", cnn_problem), ("MLP 64-32-10, 512 digits", mlp_problem)):
         model, x, y = make()

@@ -20,17 +20,13 @@ Run:  python benchmarks/regularizers.py      # --reps 30 --threads 1 --device cp
 
 import os
 
-os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see README
+os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see _harness.py
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
-from _common import print_load  # noqa: E402
+from _harness import Row, environment_header, round_robin  # noqa: E402
 from torch import nn  # noqa: E402
 
 from curvature.optim import SAM  # noqa: E402
@@ -90,29 +86,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"{datetime.date.today()} | {where} | torch {torch.__version__} | threads {args.threads} | reps {args.reps} "
-          f"| GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
-    print_load()
+    environment_header(f"reps {args.reps}", device=device)
     for name, (model, x, y) in problems().items():
         model, x, y = model.to(device), x.to(device), y.to(device)
-        calls = steppers(model, x, y)
-        for call in calls.values():  # warm-up
-            call()
-        sync()
-        times: dict[str, list[float]] = {method: [] for method in calls}
-        for _ in range(args.reps):
-            for method, call in calls.items():
-                start = time.perf_counter()
-                call()
-                sync()
-                times[method].append(time.perf_counter() - start)
-        unit = statistics.median(times["SGD"])
+        rows = [Row(method, call) for method, call in steppers(model, x, y).items()]
+        round_robin(rows, args.reps, warmup=1, device=device)
+        unit = rows[0].median  # SGD
         params = sum(p.numel() for p in model.parameters())
         print(f"\n{name} ({params} parameters, batch {len(y)}): median step time, and in SGD steps")
-        for method, t in times.items():
-            print(f"  {method:36s}{1e3 * statistics.median(t):9.3f} ms{statistics.median(t) / unit:8.2f}x")
+        for row in rows:
+            print(f"  {row.label:36s}{1e3 * row.median:9.3f} ms{row.median / unit:8.2f}x")
 
 
 if __name__ == "__main__":

@@ -43,28 +43,24 @@ See benchmarks/README.md for the peer environment and recorded results.
 
 import os
 
-# Keep OpenMP workers spinning between the many short parallel regions of small products; this must be set
-# before torch (and with it libgomp) is loaded.
-os.environ.setdefault("GOMP_SPINCOUNT", "100000000")
+os.environ.setdefault("GOMP_SPINCOUNT", "100000000")  # before torch (libgomp) is loaded; see _harness.py
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import datetime  # noqa: E402
-import importlib  # noqa: E402
-import importlib.metadata  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from statistics import median  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
 import numpy as np  # noqa: E402
 import scipy.sparse.linalg  # noqa: E402
 import torch  # noqa: E402
-from _common import Problem, print_load  # noqa: E402  (benchmarks/_common.py: the script's directory is on sys.path)
+from _common import Problem  # noqa: E402  (benchmarks/_common.py: the script's directory is on sys.path)
+from _harness import SPREAD, Row, Stats, environment_header, peer_versions, print_load, round_robin  # noqa: E402
 from _pyhessian import PyHessianProducts, _Enough, patched_torch_eig  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -76,10 +72,8 @@ warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph
 
 try:
     import pyhessian
-
-    PYH_MODULE = importlib.import_module("pyhessian.hessian")  # the module; `pyhessian.hessian` is the class
 except ImportError:  # the project's own venv has no peers
-    pyhessian = PYH_MODULE = None
+    pyhessian = None
 try:
     import curvlinops
 except ImportError:
@@ -241,47 +235,37 @@ class Call:
     seconds: float
 
 
-@dataclass
-class Row:
-    """A timed call: a label, the function (seed -> value, products) and the calls recorded."""
-    label: str
-    fn: Callable[[int], tuple[float, int]]  # seed -> (value, products); builds everything it needs
-    prepare: Callable[[], object] = lambda: None  # untimed set-up, e.g. a deep copy of the model
-    calls: list[Call] = field(default_factory=list)
+def seeded_row(label: str, fn: Callable[..., tuple[float, int]],
+               twin: Optional[Callable[[], nn.Module]] = None) -> Row:
+    """A row whose call gets the round's seed, and with ``twin`` a fresh deep copy of the model (both untimed).
+
+    ``fn(seed)`` or ``fn(seed, twin)`` builds everything else it needs and returns ``(value, products)``; the
+    timed rounds use seeds 0, 1, ..., the warm-up rounds 999, 998, ...
+    """
+    def prepare(r: int) -> tuple:
+        seed = r + 1000 if r < 0 else r
+        return (seed,) if twin is None else (seed, twin())
+
+    return Row(label, fn, prepare, keep=True)
 
 
-def run_round_robin(rows: list[Row], reps: int, warmup: int) -> None:
-    """Each repetition runs every row once with the repetition's seed, in order; warm-up rounds are untimed."""
-    for r in range(-warmup, reps):
-        for row in rows:
-            state = row.prepare()
-            seed = r + 1000 if r < 0 else r
-            start = time.perf_counter()
-            value, products = row.fn(seed) if state is None else row.fn(seed, state)
-            seconds = time.perf_counter() - start
-            if r >= 0:
-                row.calls.append(Call(value, products, seconds))
-
-
-def median(xs) -> float:
-    """The median of an iterable."""
-    return statistics.median(xs)
+def calls(row: Row) -> list[Call]:
+    """The timed calls of a row made by :func:`seeded_row`."""
+    return [Call(value, products, seconds) for (value, products), seconds in zip(row.results, row.seconds)]
 
 
 def seconds_cell(row: Row) -> str:
-    """The median seconds of a row, marked ``*`` when its seconds per product spread wide (q3 > 1.5 q1).
+    """The median seconds of a row, marked ``*`` when its seconds per product spread wide (:class:`Stats`).
 
     Per product, because the number of products varies with the seed; a wide spread means other processes
     took the cores during part of the repetitions.
     """
-    per = [c.seconds / max(c.products, 1) for c in row.calls]
-    q1, _, q3 = statistics.quantiles(per, n=4) if len(per) > 1 else (per[0],) * 3
-    return f"{median(c.seconds for c in row.calls):.3f}{' *' if q3 > 1.5 * q1 else ''}"
+    return f"{row.median:.3f}{Stats.of([c.seconds / max(c.products, 1) for c in calls(row)]).mark}"
 
 
 def ms_per_product(row: Row) -> float:
     """The median over repetitions of milliseconds per product."""
-    return 1e3 * median(c.seconds / max(c.products, 1) for c in row.calls)
+    return 1e3 * median(c.seconds / max(c.products, 1) for c in calls(row))
 
 
 def clock() -> str:
@@ -311,8 +295,8 @@ def curvature_lambda_rows(pb: Problem) -> list[Row]:
         return fn
 
     return [
-        Row("curvature eigenvalues(H, k=1) [tol=1e-3, default]", call(1e-3)),
-        Row("curvature eigenvalues(H, k=1, tol=1e-2)", call(1e-2)),
+        seeded_row("curvature eigenvalues(H, k=1) [tol=1e-3, default]", call(1e-3)),
+        seeded_row("curvature eigenvalues(H, k=1, tol=1e-2)", call(1e-2)),
     ]
 
 
@@ -330,8 +314,8 @@ def pyhessian_lambda_rows(pb: Problem, counter: PyHessianProducts) -> list[Row]:
     def twin() -> nn.Module:
         return copy.deepcopy(pb.model)
 
-    rows = [Row("pyhessian eigenvalues() [maxIter=100, tol=1e-3, default]", call({}), twin)]
-    rows += [Row(f"pyhessian eigenvalues(maxIter={PYH_MAXITER}, tol={tol:.0e})",
+    rows = [seeded_row("pyhessian eigenvalues() [maxIter=100, tol=1e-3, default]", call({}), twin)]
+    rows += [seeded_row(f"pyhessian eigenvalues(maxIter={PYH_MAXITER}, tol={tol:.0e})",
                  call({"maxIter": PYH_MAXITER, "tol": tol}), twin) for tol in PYH_TOLS]
     return rows
 
@@ -357,8 +341,8 @@ def curvlinops_lambda_rows(pb: Problem) -> list[Row]:
         return fn
 
     return [
-        Row("curvlinops + scipy eigsh(k=1, which='LA') [tol=0, default]", call(0.0)),
-        Row("curvlinops + scipy eigsh(k=1, which='LA', tol=1e-3)", call(1e-3)),
+        seeded_row("curvlinops + scipy eigsh(k=1, which='LA') [tol=0, default]", call(0.0)),
+        seeded_row("curvlinops + scipy eigsh(k=1, which='LA', tol=1e-3)", call(1e-3)),
     ]
 
 
@@ -411,23 +395,23 @@ def lambda_part(pb: Problem, tr: Truth, reps: int, warmup: int, counter: Optiona
         print("note: curvlinops is not importable: its rows are skipped.")
     else:
         rows += curvlinops_lambda_rows(pb)
-    run_round_robin(rows, reps, warmup)
-    base = median(c.seconds for c in rows[0].calls)
+    round_robin(rows, reps, warmup)
+    base = rows[0].median
     print(f"| call | HVPs median (min-max) | seconds median | x curvature default | ms per HVP | rel. error median "
           f"| worst abs. rel. error | within {ACCURACY:.0e} in all {reps} |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
-        hv = [c.products for c in row.calls]
-        errs = [rel(c.value, tr.lambda_max) for c in row.calls]
+        hv = [c.products for c in calls(row)]
+        errs = [rel(c.value, tr.lambda_max) for c in calls(row)]
         worst = max(abs(e) for e in errs)
-        sec = median(c.seconds for c in row.calls)
+        sec = row.median
         print(f"| {row.label} | {median(hv):g} ({min(hv)}-{max(hv)}) | {seconds_cell(row)} | {sec / base:.2f} "
               f"| {ms_per_product(row):.2f} | {median(errs):+.1e} | {worst:.1e} "
               f"| {'yes' if worst <= ACCURACY else 'no'} |")
 
     ours = rows[0]
-    ours_hvps = median(c.products for c in ours.calls)
-    ours_ok = all(abs(rel(c.value, tr.lambda_max)) <= ACCURACY for c in ours.calls)
+    ours_hvps = median(c.products for c in calls(ours))
+    ours_ok = all(abs(rel(c.value, tr.lambda_max)) <= ACCURACY for c in calls(ours))
     checks = [("curvature default within 1e-3 of λ_max in every repetition", float(ours_ok), 1.0, ours_ok)]
     oracle_l = [lanczos_oracle(pb, tr.lambda_max, seed) for seed in range(reps)]
     print(f"\noracle, products after which the estimate stays within {ACCURACY:.0e} (seeds 0-{reps - 1}):")
@@ -436,15 +420,15 @@ def lambda_part(pb: Problem, tr: Truth, reps: int, warmup: int, counter: Optiona
         oracle_p = [power_oracle(pb, tr.lambda_max, seed, counter) for seed in range(reps)]
         print(f"  power iteration (PyHessian, Rayleigh quotient v·Hv, cap {ORACLE_CAP}): {oracle_p}")
         pyh_rows = [r for r in rows if r.label.startswith("pyhessian")]
-        good = [r for r in pyh_rows if all(abs(rel(c.value, tr.lambda_max)) <= ACCURACY for c in r.calls)]
+        good = [r for r in pyh_rows if all(abs(rel(c.value, tr.lambda_max)) <= ACCURACY for c in calls(r))]
         if good:
-            theirs = median(c.products for c in good[0].calls)
+            theirs = median(c.products for c in calls(good[0]))
             ratio = ours_hvps / theirs
             print(f"\nPyHessian's loosest call within {ACCURACY:.0e} in every repetition: {good[0].label}, "
-                  f"{theirs:g} HVPs (median), {median(c.seconds for c in good[0].calls):.3f} s")
+                  f"{theirs:g} HVPs (median), {good[0].median:.3f} s")
             checks.append((f"HVPs as called: curvature default / {good[0].label}", ratio, HVP_TARGET,
                            ratio <= HVP_TARGET))
-            t_ratio = base / median(c.seconds for c in good[0].calls)
+            t_ratio = base / good[0].median
             print(f"time ratio (curvature default / that call): {t_ratio:.2f}")
         else:
             checks.append(("HVPs as called: PyHessian never got within 1e-3", math.nan, HVP_TARGET, False))
@@ -661,7 +645,7 @@ def density_part(pb: Problem, tr: Truth, reps: int, warmup: int, probes: int, st
         last["curvature"] = density
         return density.trace_estimate().value, density.num_matvecs
 
-    rows = [Row("curvature spectral_density(H, num_probes, num_steps)", ours)]
+    rows = [seeded_row("curvature spectral_density(H, num_probes, num_steps)", ours)]
     crash = None
     if pyhessian is None:
         print("note: pyhessian is not importable: its rows are skipped.")
@@ -687,10 +671,10 @@ def density_part(pb: Problem, tr: Truth, reps: int, warmup: int, probes: int, st
             return pb.num_params * moment, counter.count
 
         label = "pyhessian density(iter, n_v), torch.eig patched to torch.linalg.eigh"
-        rows.append(Row(label if crash else "pyhessian density(iter, n_v)", theirs,
+        rows.append(seeded_row(label if crash else "pyhessian density(iter, n_v)", theirs,
                         lambda: copy.deepcopy(pb.model)))
-    run_round_robin(rows, reps, warmup)
-    base = median(c.seconds for c in rows[0].calls)
+    round_robin(rows, reps, warmup)
+    base = rows[0].median
     print("| call | products | seconds median | x curvature | trace from the first moment (rel. error, "
           "median) | largest node (rel. error to λ_max, last run) |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -698,9 +682,9 @@ def density_part(pb: Problem, tr: Truth, reps: int, warmup: int, probes: int, st
     if "pyhessian" in last:
         top["pyhessian"] = max(max(n) for n in last["pyhessian"][0])
     for row, key in zip(rows, ("curvature", "pyhessian")):
-        sec = median(c.seconds for c in row.calls)
-        print(f"| {row.label} | {median(c.products for c in row.calls):g} | {seconds_cell(row)} | {sec / base:.2f} "
-              f"| {median(rel(c.value, tr.trace) for c in row.calls):+.2e} | {rel(top[key], tr.lambda_max):+.1e} |")
+        sec = row.median
+        print(f"| {row.label} | {median(c.products for c in calls(row)):g} | {seconds_cell(row)} | {sec / base:.2f} "
+              f"| {median(rel(c.value, tr.trace) for c in calls(row)):+.2e} | {rel(top[key], tr.lambda_max):+.1e} |")
     if crash:
         print(f"\nunpatched PyHessian density: {crash[0]} after {crash[1]} products, {crash[2]:.3f} s")
     elif pyhessian is not None:
@@ -722,7 +706,7 @@ def density_part(pb: Problem, tr: Truth, reps: int, warmup: int, probes: int, st
     ok = d1 <= 1e-12 and d2 <= 1e-4
     checks = [("density: first moment = trace estimate = Hutchinson on the same probes", max(d1, d2), 1e-4, ok)]
     if len(rows) > 1:
-        ratio = base / median(c.seconds for c in rows[1].calls)
+        ratio = base / rows[1].median
         checks.append(("density time: curvature / PyHessian (info, no target)", ratio, math.inf, True))
     return checks
 
@@ -738,20 +722,6 @@ def check_unchanged(pb: Problem, snapshot: dict, training: bool) -> bool:
     state = pb.model.state_dict()
     same = all(torch.equal(state[n], t) for n, t in snapshot.items())
     return same and all(p.grad is None for p in pb.model.parameters()) and pb.model.training == training
-
-
-def print_machine(reps: int, seeds: int) -> None:
-    """Print the date, machine, versions and settings."""
-    peers = [f"{dist} {importlib.metadata.version(dist)}" for dist, module in PEER_DISTS.items() if module is not None]
-    print(f"# curvature spectral-estimator benchmark, {datetime.date.today().isoformat()}")
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"cpu_count={os.cpu_count()}, torch threads={torch.get_num_threads()}")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, scipy {scipy.__version__}, "
-          f"curvature {curvature.__version__}, peers: {', '.join(peers) or 'none'}")
-    print(f"cpu, float32 products; (a) and (c): {reps} round-robin repetitions (seeds 0-{reps - 1}), medians; "
-          f"(b): {seeds} seeds; GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}")
-    print("seconds marked * have q3 > 1.5 q1 over the repetitions: other processes competed for the cores")
-    print_load()
 
 
 def main() -> None:
@@ -771,12 +741,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
-    print_machine(args.reps, args.seeds)
+    environment_header(f"scipy {scipy.__version__}", f"peers: {peer_versions(PEER_DISTS)}")
+    print(f"cpu, float32 products; (a) and (c): {args.reps} round-robin repetitions (seeds 0-{args.reps - 1}), "
+          f"medians; (b): {args.seeds} seeds")
+    print(f"seconds marked * have q3 > {SPREAD:g} q1 over the repetitions: other processes competed for the cores")
     counter = PyHessianProducts() if pyhessian is not None else None
     checks: list[tuple[str, str, float, float, bool]] = []
     best: dict[str, list[Ranking]] = {}
     started = time.perf_counter()
-    with counter.installed() if counter is not None else _nothing():
+    with counter.installed() if counter is not None else nullcontext():
         for name in args.problems:
             if name == "synthetic":
                 if "b" in args.parts:
@@ -818,11 +791,6 @@ def main() -> None:
         beaten = [r.budget for r in ranking if r.hutchinson_beaten]
         print(f"  [info] [{tag}] the default 'hutchinson': "
               + ("lowest or tied at every budget" if not beaten else f"beaten at {beaten} products"))
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 if __name__ == "__main__":
