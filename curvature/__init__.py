@@ -22,6 +22,7 @@ from .linalg import (
     spectral_density,
     trace,
 )
+from .monitor import SharpnessMonitor
 from .operators import (
     CurvatureOperator,
     EmpiricalFisherOperator,
@@ -33,7 +34,7 @@ from .operators import (
     NormalizedLoss,
     identity_like,
 )
-from .sharpness import METRICS, SharpnessMonitor, SharpnessReport, sharpness
+from .sharpness import METRICS, SharpnessReport, sharpness
 
 try:  # one source of truth: pyproject.toml, through the installed package's metadata
     __version__ = _metadata.version("curvature")

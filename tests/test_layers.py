@@ -21,6 +21,7 @@ PACKAGE_LAYERS = {
     "linalg": LINALG,
     "reference": REFERENCE,
     "sharpness": JOBS,
+    "monitor": JOBS,
     "optim": JOBS,
     "regularizers": JOBS,
     "pruning": JOBS,
