@@ -29,13 +29,13 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
-from torch.utils._pytree import tree_map
 
 from .._checks import check_finite, common_dtype_device
 from .._func import model_outputs
 from .._modes import autograd_enabled, differentiable_attention, float32_precision, recordable
+from .._tree import map_leaves
 from .base import HALF, LinearOperator
-from .data import Data, batch_size, floating_tensors, to_device
+from .data import Data, batch_size, floating_tensors, tensor_to_device
 from .distributed import ShardReduction, all_reduce_product, resolve_process_group, unwrap_model
 from .graph_cache import GraphCache
 from .guards import (
@@ -49,7 +49,7 @@ from .guards import (
     select_parameters,
     tensor_slots,
 )
-from .losses import loss_kind, mean_count, resolve_reduction
+from .losses import loss_for, resolve_reduction
 from .validation import _BatchValidation
 
 __all__ = ["CurvatureOperator", "require_graph", "select_parameters"]
@@ -140,7 +140,7 @@ class CurvatureOperator(_ModelTracking, _BatchValidation, LinearOperator):
             )
         self.model = model
         self.loss_fn = loss_fn
-        self._kind = loss_kind(loss_fn)
+        self._loss_object = loss_for(loss_fn)  # what the operators know of the loss: closed forms, counts, checks
         named = select_parameters(model, params)
         self.param_names = [n for n, _ in named]
         self._params = [p for _, p in named]
@@ -209,7 +209,7 @@ class CurvatureOperator(_ModelTracking, _BatchValidation, LinearOperator):
 
     def _batch_weight(self, targets: Any, inputs: Any, outputs: torch.Tensor | None = None) -> float:
         """The batch's share of the normalizer of a mean loss."""
-        return mean_count(self._kind, self.loss_fn, targets, inputs, outputs)
+        return self._loss_object.mean_count(targets, inputs, outputs)
 
     #: Whether batches are weighted by the loss's own count (checked with ``check_additive``); False for an
     #: operator defined through per-sample losses, whose weights are sample counts whatever the loss averages.
@@ -217,13 +217,22 @@ class CurvatureOperator(_ModelTracking, _BatchValidation, LinearOperator):
 
     # -- batches -------------------------------------------------------------------------------------
     def _prepare_batch(self, inputs: Any, targets: Any) -> tuple[Any, Any]:
-        """Move a batch to the device; constants for autograd (detached, and normal copies of inference tensors)."""
-        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
-        inputs, targets = tree_map(constant, inputs), tree_map(constant, targets)
-        if self._compute_dtype is not None:  # a float32 product of a half-precision model: the data too
-            cast = self._compute_dtype
-            return tuple(tree_map(lambda t: t.to(cast) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                                  else t, part) for part in (inputs, targets))  # type: ignore[return-value]
+        """Move a batch to the device; constants for autograd (detached, and normal copies of inference tensors).
+
+        One walk over each tree; for a float32 product of a half-precision model (``_compute_dtype``) the floating
+        data is cast too.
+        """
+        cast = self._compute_dtype
+
+        def leaf(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            t = constant(tensor_to_device(t, self.device))
+            return t.to(cast) if cast is not None and t.is_floating_point() else t
+
+        inputs, targets = map_leaves(leaf, inputs), map_leaves(leaf, targets)
+        if cast is not None:
+            return inputs, targets
         for t in floating_tensors(inputs):
             if t.dtype != self.dtype:
                 raise TypeError(

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, Wei
 
 from .._tree import leaves, map_leaves, paired_leaves
 
-__all__ = ["Data", "batch_size", "floating_tensors", "is_single_batch", "split_batch", "to_device"]
+__all__ = ["Data", "batch_size", "floating_tensors", "is_single_batch", "split_batch", "tensor_to_device",
+           "to_device"]
 
 
 def _is_inputs(x: Any) -> bool:
@@ -60,9 +61,15 @@ def to_device(obj: Any, device: torch.device) -> Any:
     Returns:
         The same structure on ``device``.
     """
-    # Asynchronous only towards an accelerator: a device-to-host copy must finish before it is read.
-    non_blocking = device.type != "cpu"
-    return map_leaves(lambda t: t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t, obj)
+    return map_leaves(lambda t: tensor_to_device(t, device) if isinstance(t, torch.Tensor) else t, obj)
+
+
+def tensor_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One tensor on ``device``.
+
+    The copy is asynchronous only towards an accelerator: a device-to-host copy must finish before it is read.
+    """
+    return t.to(device, non_blocking=device.type != "cpu")
 
 
 def batch_size(inputs: Any) -> int:

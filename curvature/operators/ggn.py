@@ -31,7 +31,7 @@ from .._checks import check_generator
 from .._func import model_outputs, vjp_columns
 from .curvature import CurvatureOperator, require_graph
 from .data import batch_size
-from .losses import Loss, OutputMatrix, loss_for
+from .losses import OutputMatrix
 
 __all__ = ["EmpiricalFisherOperator", "FisherOperator", "GGNOperator"]
 
@@ -41,11 +41,6 @@ class _JacobianSandwich(CurvatureOperator):
 
     def _known_psd(self) -> bool:
         return True
-
-    @property
-    def _loss_object(self) -> Loss:
-        """The loss object of ``loss_fn``: its closed forms, checks and sampling."""
-        return loss_for(self.loss_fn)
 
     def _output(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         """The differentiable output ``z`` whose Jacobian ``J`` sandwiches ``Lambda`` (default: the outputs)."""

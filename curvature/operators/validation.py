@@ -17,7 +17,7 @@ from .._checks import check_finite
 from .._func import model_outputs
 from .data import batch_size, split_batch
 from .guards import batch_error, check_batch_statistics, rng_state
-from .losses import check_additive, check_targets, infer_reduction, known_count
+from .losses import check_additive, infer_reduction, known_count
 
 __all__: list[str] = []  # the mixin _BatchValidation is the operator base class's own
 
@@ -109,8 +109,9 @@ class _BatchValidation:
             raise TypeError(f"the model returned {outputs.dtype} outputs; curvature needs floating-point outputs.")
         if outputs.ndim and outputs.shape[0] == 0:
             raise ValueError("the first batch of data holds no samples.")
-        check_targets(self._kind, self.loss_fn, outputs, targets)
-        if self.reduction == "mean" and self._kind != "other" and self._batch_weight(targets, inputs, outputs) == 0:
+        self._loss_object.check_targets(outputs, targets)
+        callable_loss = self._loss_object.kind == "other"  # no closed form: counts and reduction from the loss
+        if self.reduction == "mean" and not callable_loss and self._batch_weight(targets, inputs, outputs) == 0:
             raise ValueError("every target of the first batch is ignored (ignore_index), so its mean loss is 0/0.")
         with torch.no_grad():
             try:
@@ -131,18 +132,18 @@ class _BatchValidation:
             )
         check_finite(loss, "the loss on the first batch", "check the model's outputs and the data for NaN/Inf.")
         if self.reduction is None:
-            inferred = infer_reduction(self.loss_fn, outputs, targets) if self._kind == "other" else None
+            inferred = infer_reduction(self.loss_fn, outputs, targets) if callable_loss else None
             if inferred is None and not self._data.single:
                 raise ValueError(
                     "cannot tell whether loss_fn averages or sums over a batch (the first batch has one "
                     "sample); pass reduction='mean' or reduction='sum'."
                 )
             self.reduction = inferred or "mean"
-        if self.reduction == "mean" and self._kind == "other" and self._batch_weight(targets, inputs, outputs) == 0:
+        if self.reduction == "mean" and callable_loss and self._batch_weight(targets, inputs, outputs) == 0:
             raise ValueError("the first batch's count (loss_fn.normalizer) is 0, so its mean loss is 0/0.")
         if not self._data.single or self._shards is not None:  # several batches: the batching must not matter
             self._check_samples_independent(inputs, outputs)
-            if self._kind == "other" and self._weights_by_loss:
+            if callable_loss and self._weights_by_loss:
                 check_additive(self.loss_fn, outputs, targets, inputs, self.reduction, "the first batch of data")
                 if self.reduction == "mean" and not known_count(self.loss_fn):
                     self._sample_shape = tuple(outputs.shape[1:])
@@ -204,9 +205,9 @@ class _BatchValidation:
     def _check_batch(self, index: int, outputs: torch.Tensor, targets: Any, inputs: Any) -> None:
         """The per-batch checks of a product: targets against outputs; the loss's weighting, once per batch."""
         where = f"batch {index} of data"
-        if self._kind != "other":
+        if self._loss_object.kind != "other":
             try:
-                check_targets(self._kind, self.loss_fn, outputs, targets)
+                self._loss_object.check_targets(outputs, targets)
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{where}: {err}") from err
             return
