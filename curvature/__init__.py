@@ -25,11 +25,13 @@ from .linalg import (
 from .monitor import SharpnessMonitor
 from .operators import (
     CurvatureOperator,
+    EKFACOperator,
     EmpiricalFisherOperator,
     FisherOperator,
     GGNOperator,
     HessianOperator,
     IdentityOperator,
+    KFACOperator,
     LinearOperator,
     NormalizedLoss,
     identity_like,
@@ -44,6 +46,7 @@ except _metadata.PackageNotFoundError:  # a source tree on sys.path that was nev
 __all__ = [
     "METRICS",
     "CurvatureOperator",
+    "EKFACOperator",
     "EigenResult",
     "EmpiricalFisherOperator",
     "Estimate",
@@ -51,6 +54,7 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "IdentityOperator",
+    "KFACOperator",
     "LanczosResult",
     "LinearOperator",
     "NormalizedLoss",

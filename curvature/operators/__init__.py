@@ -4,16 +4,21 @@ from .base import IdentityOperator, LinearOperator, identity_like
 from .curvature import CurvatureOperator
 from .ggn import EmpiricalFisherOperator, FisherOperator, GGNOperator
 from .hessian import HessianOperator
+from .kronecker import EKFACOperator, KFACInverse, KFACOperator
 from .losses import NormalizedLoss
-from .registry import OPERATORS, operator_class
+from .registry import APPROXIMATE_OPERATORS, OPERATORS, operator_class
 
 __all__ = [
+    "APPROXIMATE_OPERATORS",
     "CurvatureOperator",
+    "EKFACOperator",
     "EmpiricalFisherOperator",
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
     "IdentityOperator",
+    "KFACInverse",
+    "KFACOperator",
     "LinearOperator",
     "NormalizedLoss",
     "OPERATORS",

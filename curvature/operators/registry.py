@@ -11,20 +11,26 @@ from __future__ import annotations
 from .curvature import CurvatureOperator
 from .ggn import EmpiricalFisherOperator, FisherOperator, GGNOperator
 from .hessian import HessianOperator
+from .kronecker import EKFACOperator, KFACOperator
 
-__all__ = ["OPERATORS", "operator_class"]
+__all__ = ["APPROXIMATE_OPERATORS", "OPERATORS", "operator_class"]
 
-#: Every curvature operator by its ``name``, in the order the documentation lists them.
+#: Every exact curvature operator by its ``name``, in the order the documentation lists them (each has a dense
+#: reference in :data:`curvature.reference.REFERENCES`).
 OPERATORS: dict[str, type[CurvatureOperator]] = {
     cls.name: cls for cls in (HessianOperator, GGNOperator, FisherOperator, EmpiricalFisherOperator)
 }
+
+#: The structured approximations by ``name``: Kronecker-factored, approximating the block diagonal of the GGN or
+#: Fisher (no dense reference of their own; tested where they are exact and measured against the exact operators).
+APPROXIMATE_OPERATORS: dict[str, type[CurvatureOperator]] = {cls.name: cls for cls in (KFACOperator, EKFACOperator)}
 
 
 def operator_class(name: str, argument: str = "operator") -> type[CurvatureOperator]:
     """The curvature operator registered under ``name``.
 
     Args:
-        name: An operator's name, e.g. ``"hessian"`` or ``"ggn"``.
+        name: An operator's name, e.g. ``"hessian"``, ``"ggn"`` or ``"kfac"``.
         argument: The argument's name, for the message.
 
     Returns:
@@ -37,6 +43,7 @@ def operator_class(name: str, argument: str = "operator") -> type[CurvatureOpera
         >>> operator_class("ggn").title
         'GGN'
     """
-    if not isinstance(name, str) or name not in OPERATORS:
-        raise ValueError(f"{argument} must be one of {tuple(OPERATORS)}, got {name!r}.")
-    return OPERATORS[name]
+    known = {**OPERATORS, **APPROXIMATE_OPERATORS}
+    if not isinstance(name, str) or name not in known:
+        raise ValueError(f"{argument} must be one of {tuple(known)}, got {name!r}.")
+    return known[name]
