@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from cases import FACTORIES, make_case
 from helpers import assert_unchanged, count_host_syncs, snapshot
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import curvature
@@ -77,6 +78,10 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def name_of(case: dict[str, Any]) -> str:
+    return case["name"]
+
+
 def results(case: dict[str, Any], data: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
     """Products and estimates of one case's operators over ``data`` (``kwargs`` reach the operators)."""
     model, loss_fn = case["model"], case["loss_fn"]
@@ -88,6 +93,11 @@ def results(case: dict[str, Any], data: Any, **kwargs: Any) -> dict[str, torch.T
     out = {"H@V": H @ V, "H@v": H @ V[:, 0], "G@V": G @ V}
     if case["likelihood"]:
         out["F@V"] = curvature.FisherOperator(model, loss_fn, data, **kwargs) @ V
+    if name_of(case) != "tied_dict_inputs_ce_sum":  # K-FAC and EK-FAC: the factors' statistics all-reduced
+        fisher_type = "ggn" if isinstance(loss_fn, (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)) \
+            else "empirical"
+        out["KFAC@V"] = curvature.KFACOperator(model, loss_fn, data, fisher_type=fisher_type, **kwargs) @ V
+        out["EKFAC@V"] = curvature.EKFACOperator(model, loss_fn, data, fisher_type=fisher_type, **kwargs) @ V
     out["eigenvalues"] = curvature.eigenvalues(H, k=2, tol=1e-9, generator=generator(2)).values
     out["trace"] = torch.tensor(curvature.trace(G, num_matvecs=12, generator=generator(3)).value)
     density = curvature.spectral_density(H, num_probes=2, num_steps=min(8, P), generator=generator(4))

@@ -63,6 +63,11 @@ class EKFACOperator(KFACOperator):
 
     _bases: list[KroneckerBlock] | None = None
 
+    def _statistic_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        if self._bases is None:
+            return super()._statistic_shapes()
+        return {"S": [layer.sizes() for layer in self.layers]}
+
     def _prepare(self, leaves: list[torch.Tensor], outputs: torch.Tensor, targets: Any, index: int) -> Any:
         if self._bases is None:
             return super()._prepare(leaves, outputs, targets, index)
@@ -127,6 +132,7 @@ def projected_squares(layer: Layer, block: KroneckerBlock, a: torch.Tensor, g: t
     if layer.kind == "norm":
         projected = _rotate(per_sample_gradients(layer, a, g), qr, qc, back=False)
         return projected.square().sum(0)
-    ga = g if qr is None else g @ qr  # project the rows first: (Q_R^T g)(Q_C^T a)^T summed over rows
-    aa = a if qc is None else a @ qc
+    # project the rows first: (Q_R^T g)(Q_C^T a)^T summed over rows, group by group
+    ga = g if qr is None else torch.einsum("nrgi,gij->nrgj", g, qr)
+    aa = a if qc is None else torch.einsum("nrgi,gij->nrgj", a, qc)
     return torch.einsum("nrgi,nrgj->ngij", ga, aa).square().sum(0)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -224,29 +225,22 @@ class KFACOperator(CurvatureOperator):
             self._recording = None
 
     def _statistics(self) -> dict[str, Any]:
-        """Sum the factors' statistics over the batches (and the ranks of a process group)."""
-        totals: dict[str, Any] | None = None
-        weight_sum, batches = 0.0, 0
-        self._check_first = True
-        with torch.enable_grad(), self._recorded():
-            for stats, weight in self._build_contexts():
-                if totals is None:
-                    totals = {key: [torch.zeros_like(t) for t in value] for key, value in stats.items()
-                              if key != "rows"}
-                    totals["rows"] = [0.0] * len(self.layers)
-                for key, value in stats.items():
-                    for i, t in enumerate(value):
-                        if key == "rows":
-                            totals["rows"][i] += t
-                        elif key in ("A",):
-                            totals[key][i] += t
-                        else:  # curvature statistics: weighted like the batch's share of the loss
-                            totals[key][i] += weight * t
-                weight_sum += weight
-                batches += 1
+        """Sum the factors' statistics over the batches and the ranks of a process group, and normalize them."""
+        error: Exception | None = None
+        try:
+            totals, weight_sum, batches = self._local_statistics()
+        except Exception as err:  # in a process group the rank still joins the all-reduce, then raises
+            if self._shards is None:
+                raise
+            error, totals, weight_sum, batches = err, None, 0.0, 0
         if self._shards is not None:
-            totals, weight_sum, batches = self._all_reduce(totals, weight_sum, batches)
-        self._check_totals(weight_sum, batches, "")
+            totals, weight_sum, batches, failed = self._all_reduce(totals, weight_sum, batches, error is not None)
+            if error is not None:
+                raise error
+            if failed:
+                raise ValueError("computing the K-FAC statistics failed on another rank of the process group; see "
+                                 "the error raised there.")
+        self._check_totals(weight_sum, batches, "" if self._shards is None else " on every rank of the process group")
         scale = 1.0 / weight_sum if self.reduction == "mean" else 1.0
         for key, value in totals.items():
             if key not in ("A", "rows"):
@@ -255,32 +249,65 @@ class KFACOperator(CurvatureOperator):
             totals["A"] = [a / max(rows, 1.0) for a, rows in zip(totals["A"], totals["rows"])]
         return totals
 
-    def _all_reduce(self, totals: dict[str, Any] | None, weight_sum: float, batches: int
-                    ) -> tuple[dict[str, Any], float, int]:
-        """One all-reduce of every statistic, the row counts, the weight sum and the batch count."""
-        template = self._empty_statistics() if totals is None else totals
-        tensors = [t for key in sorted(template) if key != "rows" for t in template[key]]
-        flat = torch.cat([t.reshape(-1) for t in tensors] + [torch.tensor(
-            [*template["rows"], weight_sum, batches], dtype=self._factor_dtype, device=self.device)])
-        if totals is None:
-            flat.zero_()
+    def _local_statistics(self) -> tuple[dict[str, Any] | None, float, int]:
+        """This process's statistics: input ones summed, curvature ones weighted by the batch's share of the loss."""
+        totals: dict[str, Any] | None = None
+        weight_sum, batches = 0.0, 0
+        self._check_first = True
+        with torch.enable_grad(), self._recorded():
+            for stats, weight in self._build_contexts():
+                if totals is None:
+                    totals = {key: [0.0] * len(self.layers) for key in stats}
+                for key, value in stats.items():
+                    for i, t in enumerate(value):
+                        # input statistics are summed, curvature ones weighted like the batch's share of the loss
+                        totals[key][i] = totals[key][i] + (t if key in ("A", "rows") else weight * t)
+                weight_sum += weight
+                batches += 1
+        return totals, weight_sum, batches
+
+    def _statistic_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        """The shape of every statistic, known without data (for a rank whose shard is empty)."""
+        shapes: dict[str, list[tuple[int, ...]]] = {"A": [], "G": []}
+        for layer in self.layers:
+            groups, rows, cols = layer.sizes()
+            if layer.kind == "embedding":
+                shapes["A"].append((1, rows))
+                shapes["G"].append((1, cols, cols))
+            elif layer.kind == "norm":
+                shapes["A"].append((1, cols, cols))
+                shapes["G"].append((1, layer.width(), layer.width()))
+            else:
+                shapes["A"].append((groups, cols, cols))
+                shapes["G"].append((groups, rows, rows))
+        return shapes
+
+    def _all_reduce(self, totals: dict[str, Any] | None, weight_sum: float, batches: int, failed: bool
+                    ) -> tuple[dict[str, Any], float, int, bool]:
+        """One all-reduce of every statistic, the row counts, the weight sum, the batch count and a failure flag."""
+        shapes = self._statistic_shapes()
+        keys = sorted(shapes)
+        parts = []
+        for key in keys:
+            for i, shape in enumerate(shapes[key]):
+                t = totals[key][i] if totals is not None else None
+                parts.append(torch.zeros(shape, dtype=self._factor_dtype, device=self.device).reshape(-1)
+                             if not isinstance(t, torch.Tensor) else t.reshape(-1).to(self._factor_dtype))
+        rows = totals["rows"] if totals is not None and "rows" in totals else [0.0] * len(self.layers)
+        tail = torch.tensor([*rows, weight_sum, batches, float(failed)], dtype=torch.float64)
+        flat = torch.cat(parts + [tail.to(self._factor_dtype).to(self.device)])
         dist.all_reduce(flat, group=self.process_group)
         out: dict[str, Any] = {}
         start = 0
-        for key in sorted(template):
-            if key == "rows":
-                continue
+        for key in keys:
             out[key] = []
-            for t in template[key]:
-                out[key].append(flat[start:start + t.numel()].view_as(t))
-                start += t.numel()
-        tail = flat[start:].tolist()
-        out["rows"] = tail[:len(self.layers)]
-        return out, tail[-2], int(tail[-1])
-
-    def _empty_statistics(self) -> dict[str, Any]:
-        """Zero statistics of the right shapes, for a rank with an empty shard."""
-        raise ValueError("a rank of the process group has no data; K-FAC needs a non-empty shard on every rank.")
+            for shape in shapes[key]:
+                size = math.prod(shape)
+                out[key].append(flat[start:start + size].view(shape))
+                start += size
+        tail_values = flat[start:].tolist()
+        out["rows"] = tail_values[:len(self.layers)]
+        return out, tail_values[-3], int(tail_values[-2]), tail_values[-1] > 0
 
     # -- one batch ---------------------------------------------------------------------------------------------
     def _prepare(self, leaves: list[torch.Tensor], outputs: torch.Tensor, targets: Any, index: int) -> Any:
@@ -440,7 +467,7 @@ class KFACOperator(CurvatureOperator):
             heuristic_damping: Use the π-corrected factored damping.
 
         Returns:
-            A symmetric positive definite operator (a :class:`KFACInverse`).
+            A symmetric positive definite operator (a :class:`~curvature.operators.KFACInverse`).
 
         Raises:
             ValueError: On a negative damping, or a singular damped operator (pass a positive ``damping``).
@@ -520,7 +547,7 @@ class KFACOperator(CurvatureOperator):
 
 
 class KFACInverse(LinearOperator):
-    """The inverse of a damped K-FAC or EK-FAC operator, block by block (see :meth:`KFACOperator.inverse`)."""
+    """The inverse of a damped K-FAC or EK-FAC operator, block by block (see :meth:`curvature.KFACOperator.inverse`)."""
 
     def __init__(self, op: KFACOperator, blocks: list[KroneckerBlock], damping: float, heuristic: bool) -> None:
         super().__init__(op.shape[0], op.dtype, op.device, is_symmetric=True, is_psd=True)

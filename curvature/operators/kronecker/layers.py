@@ -61,6 +61,30 @@ class Layer:
         """The layer's parameter indices, weight first."""
         return [i for i in (self.weight, self.bias) if i is not None]
 
+    def sizes(self) -> tuple[int, int, int]:
+        """``(groups, rows, cols)`` of the layer's matrices (:meth:`to_matrix`)."""
+        m = self.module
+        if self.kind == "embedding":
+            return 1, m.num_embeddings, m.embedding_dim
+        if self.kind == "norm":
+            return 1, 1, self.width() * len(self.indices)
+        fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(m.kernel_size)
+        cols = (fan_in if self.weight is not None else 0) + (1 if self.bias is not None else 0)
+        return self.groups, self.width() // self.groups, cols
+
+    def width(self) -> int:
+        """The size of the layer's output dimension (channels, features, normalized entries)."""
+        m = self.module
+        if isinstance(m, nn.LayerNorm):
+            return math.prod(m.normalized_shape)
+        if isinstance(m, nn.Embedding):
+            return m.embedding_dim
+        if isinstance(m, nn.Linear):
+            return m.out_features
+        if isinstance(m, _CONV):
+            return m.out_channels
+        return m.num_channels if isinstance(m, nn.GroupNorm) else m.num_features
+
     # -- rows ----------------------------------------------------------------------------------------------------
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The rows :math:`a` of one call's input: ``(N, R, groups, width)`` (token ids ``(N, R)`` for embeddings)."""
@@ -89,17 +113,7 @@ class Layer:
         m = self.module
         if isinstance(m, _CONV) or isinstance(m, (nn.GroupNorm, *_NORM[2:])):
             grad = grad.movedim(1, -1) if grad.ndim > 1 else grad
-        if isinstance(m, nn.LayerNorm):
-            width = math.prod(m.normalized_shape)
-        elif isinstance(m, nn.Embedding):
-            width = m.embedding_dim
-        elif isinstance(m, nn.Linear):
-            width = m.out_features
-        elif isinstance(m, _CONV):
-            width = m.out_channels
-        else:
-            width = m.num_channels if isinstance(m, nn.GroupNorm) else m.num_features
-        return grad.reshape(grad.shape[0], -1, self.groups, width // self.groups)
+        return grad.reshape(grad.shape[0], -1, self.groups, self.width() // self.groups)
 
     # -- the parameters as the matrices the factors act on --------------------------------------------------------
     def to_matrix(self, tensors: dict[int, torch.Tensor]) -> torch.Tensor:
