@@ -405,3 +405,52 @@ def test_refusals() -> None:
 
     with pytest.raises(ValueError, match=r"\['unused'\] were not called"):
         KFACOperator(Unused().double(), loss_fn, data, params=["used.weight", "unused.weight"]).compute()
+
+
+@pytest.mark.parametrize("kind", sorted(KRONECKER))
+@pytest.mark.parametrize("fisher_type", ["ggn", "empirical", "mc"])
+def test_unsupported_parameters_get_their_exact_diagonal(kind: str, fisher_type: str) -> None:
+    """``unsupported="diagonal"``: parameters no layer owns (a free scale, tied weights) get the exact diagonal of the
+    same curvature, zero elsewhere; the factored blocks are unchanged."""
+    torch.manual_seed(0)
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.second.weight = self.first.weight  # tied: used by two factored modules
+            self.head, self.scale = nn.Linear(4, 3), nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.second(torch.tanh(self.first(x))))) * self.scale
+
+    model = Scaled().double()
+    data = [(torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))),
+            (torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,)))]
+    loss_fn = nn.CrossEntropyLoss()
+    kw = dict(fisher_type=fisher_type, generator=torch.Generator().manual_seed(3), unsupported="diagonal")
+    op = KRONECKER[kind](model, loss_fn, data, **kw)
+    assert sorted(op.param_names[i] for i in op.diagonal.indices) == ["first.weight", "scale"]
+    if fisher_type == "mc":
+        exact = curvature.FisherOperator(model, loss_fn, data, mc_samples=1,
+                                         generator=torch.Generator().manual_seed(3)).to_dense()
+    else:
+        exact = EXACT[fisher_type](model, loss_fn, data)
+    dense = op.to_dense()
+    offsets = [0]
+    for size in op._sizes:
+        offsets.append(offsets[-1] + size)
+    idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in op.diagonal.indices])
+    assert rel_err(dense[idx, idx], exact[idx, idx]) < 1e-10
+    sub = dense[idx][:, idx]
+    assert torch.equal(sub - torch.diag(sub.diagonal()), torch.zeros_like(sub))
+    rest = torch.ones(dense.shape[0], dtype=torch.bool)
+    rest[idx] = False
+    assert torch.all(dense[idx][:, rest] == 0)
+    v = torch.randn(dense.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert rel_err(op.inverse(0.1) @ (dense @ v + 0.1 * v), v) < 1e-10
+    restored = KRONECKER[kind](model, loss_fn, data, **{**kw, "generator": torch.Generator().manual_seed(3)})
+    restored.load_state_dict(op.state_dict())
+    assert rel_err(restored.to_dense(), dense) < 1e-14
+    with pytest.raises(ValueError, match="unsupported must be"):
+        KFACOperator(model, loss_fn, data, unsupported="ignore")

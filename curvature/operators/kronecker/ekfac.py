@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .blocks import KroneckerBlock, _rotate
-from .kfac import KFACInverse, KFACOperator, kfac_block, per_sample_gradients
+from .kfac import KFACInverse, KFACOperator, diagonal_block, kfac_block, per_sample_gradients
 from .layers import Layer
 
 __all__ = ["EKFACOperator"]
@@ -59,9 +59,14 @@ class EKFACOperator(KFACOperator):
         finally:
             self._bases = None
         self._blocks = [KroneckerBlock(b.row, b.col, scaling=s, heuristic=False) for b, s in zip(bases, scalings)]
+        if self.diagonal is not None:  # the exact diagonal is its own best scaling
+            self._blocks.append(diagonal_block(stats["D"][0]))
         self._factors_key = key
 
     _bases: list[KroneckerBlock] | None = None
+
+    def _diagonal_wanted(self) -> bool:
+        return self._bases is None
 
     def _statistic_shapes(self) -> dict[str, list[tuple[int, ...]]]:
         if self._bases is None:
@@ -75,7 +80,7 @@ class EKFACOperator(KFACOperator):
         self._recording.clear()
         rows_in = [torch.cat([layer.input_rows(x) for x, _ in c], dim=1) for layer, c in zip(self.layers, calls)]
         stats = self._gradient_statistics(leaves, outputs, targets, index, rows_in, calls)
-        return {"S": stats["S"], "rows": [0.0] * len(self.layers)}
+        return {"S": stats["S"]}
 
     def _gradient_outer(self, g: torch.Tensor) -> torch.Tensor:
         if self._bases is not None:  # the correction pass needs no factors
@@ -107,7 +112,9 @@ class EKFACOperator(KFACOperator):
                              "does not apply; use heuristic_damping=False (exact damping).")
         return super().inverse(damping, False)
 
-    def _block_from_state(self, layer: Layer, saved: dict[str, torch.Tensor]) -> KroneckerBlock:
+    def _block_from_state(self, layer: Any, saved: dict[str, torch.Tensor]) -> KroneckerBlock:
+        if layer.kind == "diagonal":
+            return diagonal_block(saved["col"].reshape(-1))
         if "scaling" not in saved:
             raise ValueError(f"the saved block of {layer.name!r} has no fitted eigenvalues: it is a K-FAC state.")
         return KroneckerBlock(saved["row"], saved["col"], saved["scaling"], heuristic=False)

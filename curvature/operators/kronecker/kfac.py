@@ -44,11 +44,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..._checks import check_generator, check_scalar
+from ..._func import model_outputs
+from ..._tree import map_leaves
 from ..base import LinearOperator
 from ..curvature import CurvatureOperator, require_graph
 from ..data import batch_size
 from .blocks import BlockEigen, KroneckerBlock
-from .layers import FACTORED_MODULES, Layer, factored_layers
+from .layers import FACTORED_MODULES, DiagonalPart, Layer, factored_layers
 
 __all__ = ["FISHER_TYPES", "KFACInverse", "KFACOperator"]
 
@@ -89,6 +91,10 @@ class KFACOperator(CurvatureOperator):
             (rows are averaged per sample first), Eschenhagen et al. (2023).
         mc_samples: Targets drawn per data point for ``"mc"``.
         generator: Seeds the draws of ``"mc"`` (a fresh random seed if None; the global RNG is never touched).
+        unsupported: ``"error"`` (default): a selected parameter no factored layer owns (or several share) is
+            refused by name. ``"diagonal"``: such parameters are covered by one more block, the exact diagonal of the
+            same curvature (``fisher_type``) over them, from per-sample gradients (``torch.func.vmap``, else a loop
+            over samples): one more forward and backward pass per column.
         **kwargs: ``reduction``, ``process_group`` (the factors' statistics are all-reduced over the group once per
             computation) and ``verify`` as in :class:`~curvature.operators.curvature.CurvatureOperator`.
 
@@ -122,8 +128,11 @@ class KFACOperator(CurvatureOperator):
         kfac_approx: str = "expand",
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
+        unsupported: str = "error",
         **kwargs: Any,
     ) -> None:
+        if unsupported not in ("error", "diagonal"):
+            raise ValueError(f"unsupported must be 'error' or 'diagonal', got {unsupported!r}.")
         if fisher_type not in FISHER_TYPES:
             hint = {v: k for k, v in FISHER_TYPES.items()}.get(fisher_type)
             raise ValueError(f"fisher_type must be one of {tuple(FISHER_TYPES)}, got {fisher_type!r}"
@@ -137,19 +146,26 @@ class KFACOperator(CurvatureOperator):
                 raise TypeError(f"{type(self).__name__} keeps no graphs: {unused}= does not apply.")
         check_generator(generator)
         self.fisher_type, self.kfac_approx, self.mc_samples = fisher_type, kfac_approx, mc_samples
+        self.unsupported = unsupported
         if generator is None:
             self._seed = torch.Generator().seed() % (2**62)
         else:
             self._seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         super().__init__(model, loss_fn, data, params, keep_graph=False, **kwargs)
-        self.layers, unowned = factored_layers(self.model, self._params, self.param_names)
-        if unowned:
+        self.layers, unowned = factored_layers(self.model, self._params, self.param_names,
+                                               shared="unowned" if unsupported == "diagonal" else "error")
+        if unowned and unsupported == "error":
             names = [self.param_names[i] for i in unowned]
             raise ValueError(
                 f"K-FAC has no factorization for parameter(s) {names[:5]}{' ...' if len(names) > 5 else ''}: they "
                 f"belong to no {', '.join(t.__name__ for t in FACTORED_MODULES)}. Exclude them with params= "
-                "(e.g. params=[p for n, p in model.named_parameters() if ...]), or use an exact operator."
+                "(e.g. params=[p for n, p in model.named_parameters() if ...]), pass unsupported='diagonal' to "
+                "cover them with their exact diagonal, or use an exact operator."
             )
+        #: The parameters no factored layer owns, covered by their exact diagonal (``unsupported="diagonal"``).
+        self.diagonal = DiagonalPart(unowned) if unowned else None
+        self._inputs: Any = None
+        self._paused = False
         self._blocks: list[KroneckerBlock] | None = None
         self._factors_key: Any = None
         self._recording: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
@@ -212,7 +228,8 @@ class KFACOperator(CurvatureOperator):
 
         def hook(index: int) -> Callable[..., None]:
             def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-                records.setdefault(index, []).append((args[0].detach(), output))
+                if not self._paused:
+                    records.setdefault(index, []).append((args[0].detach(), output))
             return record
 
         handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)]
@@ -257,7 +274,7 @@ class KFACOperator(CurvatureOperator):
         with torch.enable_grad(), self._recorded():
             for stats, weight in self._build_contexts():
                 if totals is None:
-                    totals = {key: [0.0] * len(self.layers) for key in stats}
+                    totals = {key: [0.0] * len(value) for key, value in stats.items()}
                 for key, value in stats.items():
                     for i, t in enumerate(value):
                         # input statistics are summed, curvature ones weighted like the batch's share of the loss
@@ -280,6 +297,8 @@ class KFACOperator(CurvatureOperator):
             else:
                 shapes["A"].append((groups, cols, cols))
                 shapes["G"].append((groups, rows, rows))
+        if self.diagonal is not None:
+            shapes["D"] = [(sum(self._sizes[i] for i in self.diagonal.indices),)]
         return shapes
 
     def _all_reduce(self, totals: dict[str, Any] | None, weight_sum: float, batches: int, failed: bool
@@ -310,6 +329,13 @@ class KFACOperator(CurvatureOperator):
         return out, tail_values[-3], int(tail_values[-2]), tail_values[-1] > 0
 
     # -- one batch ---------------------------------------------------------------------------------------------
+    def _context(self, index: int, inputs: Any, targets: Any, leaves: list[torch.Tensor]) -> tuple[Any, float]:
+        self._inputs = inputs  # the exact diagonal's per-sample pass needs them
+        try:
+            return super()._context(index, inputs, targets, leaves)
+        finally:
+            self._inputs = None
+
     def _prepare(self, leaves: list[torch.Tensor], outputs: torch.Tensor, targets: Any, index: int) -> Any:
         records = self._recording
         calls = self._calls(records)
@@ -374,7 +400,11 @@ class KFACOperator(CurvatureOperator):
         require_graph(z, "the model's outputs")
         layer_outputs = [s for c in calls for _, s in c]
         G: list[Any] = [0.0] * len(self.layers)
+        D: Any = 0.0
         extra = self._extra_statistics(rows_in)
+        diagonal = self.diagonal is not None and self._diagonal_wanted()
+        if diagonal and self.fisher_type == "empirical":  # columns in output space
+            (output_column,) = torch.autograd.grad(z, outputs, torch.ones_like(z), retain_graph=True)
         check = self._check_first
         column = next(columns, None)
         while column is not None:
@@ -395,8 +425,40 @@ class KFACOperator(CurvatureOperator):
             for i, g in enumerate(g_rows):
                 G[i] = G[i] + scale * self._gradient_outer(g)
             self._accumulate_extra(extra, rows_in, g_rows, scale)
+            if diagonal:
+                out_column = output_column if self.fisher_type == "empirical" else column
+                D = D + scale * self._diagonal_squares(leaves, out_column)
             column = following
-        return {"G": G, **extra}
+        return {"G": G, **extra, **({"D": [D]} if diagonal else {})}
+
+    def _diagonal_wanted(self) -> bool:
+        """Whether this pass computes the exact diagonal (EK-FAC's correction pass does not)."""
+        return True
+
+    def _diagonal_squares(self, leaves: list[torch.Tensor], column: torch.Tensor) -> torch.Tensor:
+        r"""``sum_n (J_n^T c_n)^2`` over the diagonal part's parameters, from per-sample vector-Jacobian products."""
+        indices = self.diagonal.indices
+        names = [self.param_names[i] for i in indices]
+        state = self._state([leaf.detach() for leaf in leaves])
+        primals = [leaves[i].detach() for i in indices]
+
+        def one(inputs: Any, c: torch.Tensor) -> torch.Tensor:
+            def outputs(*ps: torch.Tensor) -> torch.Tensor:
+                return model_outputs(self.model, {**state, **dict(zip(names, ps))}, inputs)
+            _, pull = torch.func.vjp(outputs, *primals)
+            return torch.cat([g.reshape(-1) for g in pull(c)])
+
+        self._paused = True  # these forward passes are not the factors' records
+        try:
+            try:
+                per_sample = torch.func.vmap(lambda x, c: one(map_leaves(_batched, x), c.unsqueeze(0)))(
+                    self._inputs, column)
+            except (RuntimeError, ValueError, TypeError, NotImplementedError):  # a model vmap cannot batch
+                per_sample = torch.stack([one(_slice(self._inputs, n), column[n:n + 1])
+                                          for n in range(column.shape[0])])
+        finally:
+            self._paused = False
+        return per_sample.to(self._factor_dtype).square().sum(0)
 
     def _gradient_outer(self, g: torch.Tensor) -> torch.Tensor:
         if self.kfac_approx == "expand":
@@ -432,10 +494,15 @@ class KFACOperator(CurvatureOperator):
                 )
 
     def _make_blocks(self, stats: dict[str, Any]) -> list[KroneckerBlock]:
-        blocks = []
-        for layer, A, G in zip(self.layers, stats["A"], stats["G"]):
-            blocks.append(kfac_block(layer, A, G))
+        blocks = [kfac_block(layer, A, G) for layer, A, G in zip(self.layers, stats["A"], stats["G"])]
+        if self.diagonal is not None:
+            blocks.append(diagonal_block(stats["D"][0]))
         return blocks
+
+    @property
+    def parts(self) -> list[Layer | DiagonalPart]:
+        """The blocks' owners in order: the factored layers, then the exact-diagonal part if any."""
+        return self.layers + ([self.diagonal] if self.diagonal is not None else [])
 
     # -- products ----------------------------------------------------------------------------------------------
     def _blocks_now(self) -> list[KroneckerBlock]:
@@ -478,7 +545,7 @@ class KFACOperator(CurvatureOperator):
         if not isinstance(heuristic_damping, bool):
             raise TypeError(f"heuristic_damping must be True or False, got {heuristic_damping!r}.")
         blocks = self._blocks_now()
-        for layer, block in zip(self.layers, blocks):
+        for layer, block in zip(self.parts, blocks):
             if block.smallest_denominator(damping, heuristic_damping) <= 0:
                 raise ValueError(
                     f"the damped K-FAC block of {layer.name!r} is singular (a zero eigenvalue{'' if damping else ''}"
@@ -507,7 +574,7 @@ class KFACOperator(CurvatureOperator):
     def eigh(self) -> list[BlockEigen]:
         """The eigendecomposition of every block (:class:`~curvature.operators.kronecker.blocks.BlockEigen`)."""
         out = []
-        for layer, block in zip(self.layers, self._blocks_now()):
+        for layer, block in zip(self.parts, self._blocks_now()):
             _, qr, _, qc = block.eigen()
             out.append(BlockEigen(layer.name, tuple(self.param_names[i] for i in layer.indices),
                                   block.eigenvalues(), qr, qc))
@@ -517,7 +584,7 @@ class KFACOperator(CurvatureOperator):
         """The factors, by layer name (and the options they were computed with)."""
         return {
             "fisher_type": self.fisher_type, "kfac_approx": self.kfac_approx,
-            "blocks": {layer.name: block.state() for layer, block in zip(self.layers, self._blocks_now())},
+            "blocks": {layer.name: block.state() for layer, block in zip(self.parts, self._blocks_now())},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -532,18 +599,20 @@ class KFACOperator(CurvatureOperator):
             if state.get(option) != getattr(self, option):
                 raise ValueError(f"the state was computed with {option}={state.get(option)!r}, this operator uses "
                                  f"{getattr(self, option)!r}.")
-        names = [layer.name for layer in self.layers]
+        names = [layer.name for layer in self.parts]
         if list(state["blocks"]) != names:
             raise ValueError(f"the state holds the layers {list(state['blocks'])}, this operator has {names}.")
         blocks = []
-        for layer in self.layers:
+        for layer in self.parts:
             saved = {k: v.to(self.device, self._factor_dtype) for k, v in state["blocks"][layer.name].items()}
             blocks.append(self._block_from_state(layer, saved))
         self._sync_with_model()
         self._blocks, self._factors_key = blocks, self._fingerprint()
 
-    def _block_from_state(self, layer: Layer, saved: dict[str, torch.Tensor]) -> KroneckerBlock:
-        return KroneckerBlock(saved["row"], saved["col"], saved.get("scaling"), heuristic=layer.kind != "norm")
+    def _block_from_state(self, layer: Layer | DiagonalPart, saved: dict[str, torch.Tensor]) -> KroneckerBlock:
+        if layer.kind == "diagonal":
+            return diagonal_block(saved["col"].reshape(-1))
+        return KroneckerBlock(saved["row"], saved["col"], saved.get("scaling"), heuristic=layer.kind == "kronecker")
 
 
 class KFACInverse(LinearOperator):
@@ -564,7 +633,7 @@ def _blockwise(op: KFACOperator, blocks: list[KroneckerBlock], V: torch.Tensor,
     pieces = [c.reshape(k, *s) for c, s in zip(V.T.split(op._sizes, dim=1), op._shapes)]
     out = [None] * len(pieces)
     shapes = dict(enumerate(op._shapes))
-    for layer, block in zip(op.layers, blocks):
+    for layer, block in zip(op.parts, blocks):
         X = layer.to_matrix({i: pieces[i] for i in layer.indices}).to(op._factor_dtype)
         Y = apply(block, X).to(V.dtype)
         for i, t in layer.from_matrix(Y, shapes).items():
@@ -610,6 +679,20 @@ def per_sample_gradients(layer: Layer, a: torch.Tensor, g: torch.Tensor) -> torc
         copies = a.shape[-1] // g.shape[-1]
         return (a * g.repeat(1, 1, 1, copies)).sum(1).unsqueeze(2)
     return torch.einsum("nrgi,nrgj->ngij", g, a)
+
+
+def diagonal_block(diagonal: torch.Tensor) -> KroneckerBlock:
+    """The exact-diagonal block: both factors diagonal, the row factor the number 1."""
+    return KroneckerBlock(torch.ones(1, 1, dtype=diagonal.dtype, device=diagonal.device), diagonal.reshape(1, -1),
+                          heuristic=False)
+
+
+def _batched(t: Any) -> Any:
+    return t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
+
+
+def _slice(inputs: Any, n: int) -> Any:
+    return map_leaves(lambda t: t[n:n + 1] if isinstance(t, torch.Tensor) else t, inputs)
 
 
 def kfac_block(layer: Layer, A: torch.Tensor, G: torch.Tensor) -> KroneckerBlock:

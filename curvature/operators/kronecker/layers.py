@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FACTORED_MODULES", "Layer", "factored_layers"]
+__all__ = ["FACTORED_MODULES", "DiagonalPart", "Layer", "factored_layers"]
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 _NORM = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -195,25 +195,27 @@ def _patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2)
 
 
-def factored_layers(model: nn.Module, params: list[torch.Tensor], param_names: list[str]
-                    ) -> tuple[list[Layer], list[int]]:
+def factored_layers(model: nn.Module, params: list[torch.Tensor], param_names: list[str],
+                    shared: str = "error") -> tuple[list[Layer], list[int]]:
     """The factored layers owning the selected parameters, and the indices of the parameters no layer owns.
 
     Args:
         model: The model.
         params: The operator's selected parameters, in flat-vector order.
         param_names: Their names.
+        shared: What to do with a parameter several factored modules use (tied weights): ``"error"``, or
+            ``"unowned"`` (no layer owns it).
 
     Returns:
         ``(layers, unowned)``.
 
     Raises:
         ValueError: For a factored module whose options change its gradient (``Embedding`` with ``max_norm`` or
-            ``scale_grad_by_freq``) or whose parameters are shared with another module.
+            ``scale_grad_by_freq``), or (``shared="error"``) a parameter several factored modules use.
     """
     index = {id(p): i for i, p in enumerate(params)}
-    owners: dict[int, str] = {}
-    layers: list[Layer] = []
+    found: list[tuple[str, nn.Module, int | None, int | None]] = []
+    users: dict[int, list[str]] = {}
     for mname, m in model.named_modules():
         if not isinstance(m, FACTORED_MODULES):
             continue
@@ -221,24 +223,50 @@ def factored_layers(model: nn.Module, params: list[torch.Tensor], param_names: l
         b = index.get(id(getattr(m, "bias", None)))
         if w is None and b is None:
             continue
+        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq):
+            raise ValueError(f"module {mname!r}: Embedding with max_norm= or scale_grad_by_freq= changes its "
+                             "weight or its gradient in ways K-FAC does not model; pass params= without it.")
+        found.append((mname, m, w, b))
         for i in (w, b):
-            if i is not None and i in owners:
-                raise ValueError(f"parameter {param_names[i]!r} is used by modules {owners[i]!r} and {mname!r}; "
-                                 "K-FAC needs one module per parameter.")
-        if isinstance(m, nn.Embedding):
-            if m.max_norm is not None or m.scale_grad_by_freq:
-                raise ValueError(f"module {mname!r}: Embedding with max_norm= or scale_grad_by_freq= changes its "
-                                 "weight or its gradient in ways K-FAC does not model; pass params= without it.")
-            kind = "embedding"
-        elif isinstance(m, _NORM):
-            kind = "norm"
-        else:
-            kind = "kronecker"
-        groups = m.groups if isinstance(m, _CONV) else 1
-        layer = Layer(mname, m, w, b, kind, groups)
-        for i in layer.indices:
-            owners[i] = mname
-        layers.append(layer)
-    owned = set(owners)
-    unowned = [i for i in range(len(param_names)) if i not in owned]
-    return layers, unowned
+            if i is not None:
+                users.setdefault(i, []).append(mname)
+    tied = {i for i, names in users.items() if len(names) > 1}
+    if tied and shared == "error":
+        i = min(tied)
+        raise ValueError(f"parameter {param_names[i]!r} is used by modules {users[i][0]!r} and {users[i][1]!r} "
+                         "(tied weights); K-FAC needs one module per parameter. Exclude it with params=, or pass "
+                         "unsupported='diagonal' to cover it with its exact diagonal.")
+    layers: list[Layer] = []
+    for mname, m, w, b in found:
+        w, b = (None if w in tied else w), (None if b in tied else b)
+        if w is None and b is None:
+            continue
+        kind = "embedding" if isinstance(m, nn.Embedding) else "norm" if isinstance(m, _NORM) else "kronecker"
+        layers.append(Layer(mname, m, w, b, kind, m.groups if isinstance(m, _CONV) else 1))
+    owned = {i for layer in layers for i in layer.indices}
+    return layers, [i for i in range(len(param_names)) if i not in owned]
+
+
+@dataclass
+class DiagonalPart:
+    """The parameters no factored layer owns, covered by their exact diagonal (``unsupported="diagonal"``).
+
+    It plays a layer's part for products: its matrix is one row holding every entry of its parameters.
+    """
+
+    indices: list[int]
+    name: str = "(exact diagonal)"
+    kind: str = "diagonal"
+    weight: None = None
+    bias: None = None
+
+    def to_matrix(self, tensors: dict[int, torch.Tensor]) -> torch.Tensor:
+        """``(k, *shape)`` tensors as one ``(k, 1, 1, size)`` row."""
+        k = tensors[self.indices[0]].shape[0]
+        return torch.cat([tensors[i].reshape(k, -1) for i in self.indices], dim=1).reshape(k, 1, 1, -1)
+
+    def from_matrix(self, X: torch.Tensor, shapes: dict[int, torch.Size]) -> dict[int, torch.Tensor]:
+        """The inverse of :meth:`to_matrix`."""
+        k = X.shape[0]
+        sizes = [math.prod(shapes[i]) for i in self.indices]
+        return {i: t.reshape(k, *shapes[i]) for i, t in zip(self.indices, X.reshape(k, -1).split(sizes, dim=1))}
