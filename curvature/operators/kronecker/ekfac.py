@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .blocks import KroneckerBlock, _rotate
-from .kfac import KFACInverse, KFACOperator, diagonal_block, kfac_block, per_sample_gradients
+from .kfac import KFACInverse, KFACOperator, _rows, diagonal_block, kfac_block, per_sample_gradients
 from .layers import Layer
 
 __all__ = ["EKFACOperator"]
@@ -78,7 +78,7 @@ class EKFACOperator(KFACOperator):
             return super()._prepare(leaves, outputs, targets, index)
         calls = self._calls(self._recording)
         self._recording.clear()
-        rows_in = [torch.cat([layer.input_rows(x) for x, _ in c], dim=1) for layer, c in zip(self.layers, calls)]
+        rows_in = [_rows([layer.input_rows(x) for x, _ in c]) for layer, c in zip(self.layers, calls)]
         stats = self._gradient_statistics(leaves, outputs, targets, index, rows_in, calls)
         return {"S": stats["S"]}
 
@@ -121,8 +121,23 @@ class EKFACOperator(KFACOperator):
 
 
 def projected_squares(layer: Layer, block: KroneckerBlock, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``sum_n (Q_R^T P_n Q_C)^2`` over the batch's per-sample gradients ``P_n`` of one column."""
+    """``sum_{k,n} (Q_R^T P_{kn} Q_C)^2`` over the per-sample gradients ``P_{kn}`` of columns ``k`` (``g``: rows
+    ``(columns, N, R, groups, width)``).
+    """
     _, qr, _, qc = block.eigen()
+    if layer.kind == "embedding" or layer.kind == "norm":
+        return sum(_projected_squares(layer, qr, qc, a, g_k) for g_k in g)
+    a = a.to(g.dtype)
+    ga = g if qr is None else torch.einsum("knrgi,gij->knrgj", g, qr)
+    aa = a if qc is None else torch.einsum("nrgi,gij->nrgj", a, qc)
+    if ga.shape[2] == 1:  # one row per sample: (g_i a_j)^2 = g_i^2 a_j^2, a matrix product over the samples
+        return torch.einsum("ngi,ngj->gij", ga[:, :, 0].square().sum(0), aa[:, 0].square())
+    return sum(torch.einsum("nrgi,nrgj->ngij", g_k, aa).square().sum(0) for g_k in ga)
+
+
+def _projected_squares(layer: Layer, qr: torch.Tensor | None, qc: torch.Tensor | None, a: torch.Tensor,
+                       g: torch.Tensor) -> torch.Tensor:
+    """:func:`projected_squares` of one column, for embeddings and normalization layers."""
     if layer.kind == "embedding":  # per-sample sums by token without an (N, vocab, dim) tensor
         n, rows = a.shape
         vocab = layer.module.num_embeddings
@@ -135,11 +150,5 @@ def projected_squares(layer: Layer, block: KroneckerBlock, a: torch.Tensor, g: t
         if layer.module.padding_idx is not None:
             out[layer.module.padding_idx] = 0
         return out.unsqueeze(0)
-    a = a.to(g.dtype)
-    if layer.kind == "norm":
-        projected = _rotate(per_sample_gradients(layer, a, g), qr, qc, back=False)
-        return projected.square().sum(0)
-    # project the rows first: (Q_R^T g)(Q_C^T a)^T summed over rows, group by group
-    ga = g if qr is None else torch.einsum("nrgi,gij->nrgj", g, qr)
-    aa = a if qc is None else torch.einsum("nrgi,gij->nrgj", a, qc)
-    return torch.einsum("nrgi,nrgj->ngij", ga, aa).square().sum(0)
+    projected = _rotate(per_sample_gradients(layer, a.to(g.dtype), g), qr, qc, back=False)
+    return projected.square().sum(0)

@@ -169,7 +169,8 @@ class KFACOperator(CurvatureOperator):
         self._blocks: list[KroneckerBlock] | None = None
         self._factors_key: Any = None
         self._recording: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
-        self._check_first = False
+        self._check_first = True  # the rows are checked against autograd on the first batch, once
+        self._column_chunk = 16  # columns backpropagated together
         self._factor_dtype = torch.promote_types(self.dtype, torch.float32)
 
     # -- hooks of CurvatureOperator ----------------------------------------------------------------------------
@@ -270,7 +271,6 @@ class KFACOperator(CurvatureOperator):
         """This process's statistics: input ones summed, curvature ones weighted by the batch's share of the loss."""
         totals: dict[str, Any] | None = None
         weight_sum, batches = 0.0, 0
-        self._check_first = True
         with torch.enable_grad(), self._recorded():
             for stats, weight in self._build_contexts():
                 if totals is None:
@@ -340,7 +340,7 @@ class KFACOperator(CurvatureOperator):
         records = self._recording
         calls = self._calls(records)
         records.clear()
-        rows_in = [torch.cat([layer.input_rows(x) for x, _ in c], dim=1) for layer, c in zip(self.layers, calls)]
+        rows_in = [_rows([layer.input_rows(x) for x, _ in c]) for layer, c in zip(self.layers, calls)]
         stats: dict[str, list[Any]] = {"A": [], "rows": []}
         for layer, a in zip(self.layers, rows_in):
             A, rows = self._input_statistics(layer, a)
@@ -370,9 +370,8 @@ class KFACOperator(CurvatureOperator):
             return counts.unsqueeze(0), float(tokens.numel())
         a = a.to(self._factor_dtype)
         if self.kfac_approx == "expand":
-            return torch.einsum("nrgi,nrgj->gij", a, a), float(a.shape[0] * a.shape[1])
-        mean = a.mean(1)
-        return torch.einsum("ngi,ngj->gij", mean, mean), float(a.shape[0])
+            return gram(a), float(a.shape[0] * a.shape[1])
+        return gram(a.mean(1, keepdim=True)), float(a.shape[0])
 
     def _columns(self, outputs: torch.Tensor, targets: Any, index: int
                  ) -> tuple[torch.Tensor, Iterator[torch.Tensor], float]:
@@ -406,29 +405,32 @@ class KFACOperator(CurvatureOperator):
         if diagonal and self.fisher_type == "empirical":  # columns in output space
             (output_column,) = torch.autograd.grad(z, outputs, torch.ones_like(z), retain_graph=True)
         check = self._check_first
-        column = next(columns, None)
-        while column is not None:
-            following = next(columns, None)
-            targets_of_grad = layer_outputs + (leaves if check else [])
-            grads = torch.autograd.grad(z, targets_of_grad, column, retain_graph=following is not None,
-                                        allow_unused=True)
+        columns = list(columns)
+        chunks = [columns[:1]] if check else []  # the first column alone, with the parameters' gradients
+        rest = columns[len(chunks):]
+        chunks += [rest[i:i + self._column_chunk] for i in range(0, len(rest), self._column_chunk)]
+        for number, chunk in enumerate(chunks):
+            checking = check and number == 0
+            grads = _backward(z, layer_outputs + (leaves if checking else []), chunk)
             start = 0
-            g_rows = []
+            g_rows = []  # per layer: (columns, N, R, groups, width)
             for layer, c in zip(self.layers, calls):
-                parts = [torch.zeros_like(s) if gr is None else gr
+                parts = [torch.zeros(len(chunk), *s.shape, dtype=s.dtype, device=s.device) if gr is None else gr
                          for gr, (_, s) in zip(grads[start:start + len(c)], c)]
                 start += len(c)
-                g_rows.append(torch.cat([layer.output_rows(p) for p in parts], dim=1).to(self._factor_dtype))
-            if check:
-                self._check_reconstruction(rows_in, g_rows, grads[len(layer_outputs):])
-                check = self._check_first = False
+                g_rows.append(torch.stack([_rows([layer.output_rows(p[j]) for p in parts])
+                                           for j in range(len(chunk))]).to(self._factor_dtype))
+            if checking:
+                leaf_grads = tuple(None if g is None else g[0] for g in grads[len(layer_outputs):])
+                self._check_reconstruction(rows_in, [g[0] for g in g_rows], leaf_grads)
+                self._check_first = False
             for i, g in enumerate(g_rows):
-                G[i] = G[i] + scale * self._gradient_outer(g)
+                G[i] = G[i] + scale * self._gradient_outer(g.flatten(0, 1))
             self._accumulate_extra(extra, rows_in, g_rows, scale)
             if diagonal:
-                out_column = output_column if self.fisher_type == "empirical" else column
-                D = D + scale * self._diagonal_squares(leaves, out_column)
-            column = following
+                for column in chunk:
+                    out_column = output_column if self.fisher_type == "empirical" else column
+                    D = D + scale * self._diagonal_squares(leaves, out_column)
         return {"G": G, **extra, **({"D": [D]} if diagonal else {})}
 
     def _diagonal_wanted(self) -> bool:
@@ -461,10 +463,7 @@ class KFACOperator(CurvatureOperator):
         return per_sample.to(self._factor_dtype).square().sum(0)
 
     def _gradient_outer(self, g: torch.Tensor) -> torch.Tensor:
-        if self.kfac_approx == "expand":
-            return torch.einsum("nrgi,nrgj->gij", g, g)
-        total = g.sum(1)
-        return torch.einsum("ngi,ngj->gij", total, total)
+        return gram(g if self.kfac_approx == "expand" else g.sum(1, keepdim=True))
 
     def _extra_statistics(self, rows_in: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         """Further per-batch statistics of a subclass (EK-FAC's corrections): none here."""
@@ -670,7 +669,23 @@ def summed_gradient(layer: Layer, a: torch.Tensor, g: torch.Tensor) -> torch.Ten
         if layer.module.padding_idx is not None:
             out[layer.module.padding_idx] = 0
         return out.unsqueeze(0)
-    return per_sample_gradients(layer, a, g).sum(0)
+    if layer.kind == "norm":
+        return per_sample_gradients(layer, a, g).sum(0)
+    return torch.bmm(_by_group(g).transpose(1, 2), _by_group(a))
+
+
+def _by_group(x: torch.Tensor) -> torch.Tensor:
+    """Rows ``(N, R, groups, d)`` as ``(groups, N R, d)``."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1]).transpose(0, 1)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``sum_{n, r} x_{nr} x_{nr}^T`` per group, for rows ``(N, R, groups, d)``: ``(groups, d, d)``."""
+    if x.shape[2] == 1:
+        flat = x.reshape(-1, x.shape[-1])
+        return (flat.T @ flat).unsqueeze(0)
+    grouped = _by_group(x)
+    return torch.bmm(grouped.transpose(1, 2), grouped)
 
 
 def per_sample_gradients(layer: Layer, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -685,6 +700,28 @@ def diagonal_block(diagonal: torch.Tensor) -> KroneckerBlock:
     """The exact-diagonal block: both factors diagonal, the row factor the number 1."""
     return KroneckerBlock(torch.ones(1, 1, dtype=diagonal.dtype, device=diagonal.device), diagonal.reshape(1, -1),
                           heuristic=False)
+
+
+def _backward(z: torch.Tensor, inputs: list[torch.Tensor], columns: list[torch.Tensor]
+              ) -> list[torch.Tensor | None]:
+    """The vector-Jacobian products of ``z`` with several columns at once: ``(columns, *shape)`` per input.
+
+    Batched through the graph (``is_grads_batched``, vmap over the backward pass) where the graph's operations
+    allow it, else one backward pass per column. The graph is kept: its owner frees it.
+    """
+    if len(columns) > 1:
+        try:
+            return list(torch.autograd.grad(z, inputs, torch.stack(columns), retain_graph=True, allow_unused=True,
+                                            is_grads_batched=True))
+        except (RuntimeError, NotImplementedError):  # an operation without a batching rule
+            pass
+    per_column = [torch.autograd.grad(z, inputs, c, retain_graph=True, allow_unused=True) for c in columns]
+    return [None if parts[0] is None else torch.stack(parts) for parts in zip(*per_column)]
+
+
+def _rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The rows of a module's calls in one forward pass, side by side (one call: no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _batched(t: Any) -> Any:
