@@ -121,8 +121,9 @@ class EKFACOperator(KFACOperator):
 
 
 def projected_squares(layer: Layer, block: KroneckerBlock, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``sum_{k,n} (Q_R^T P_{kn} Q_C)^2`` over the per-sample gradients ``P_{kn}`` of columns ``k`` (``g``: rows
-    ``(columns, N, R, groups, width)``).
+    """``sum_{k,n} (Q_R^T P_{kn} Q_C)^2`` over the per-sample gradients ``P_{kn}`` of the columns ``k``.
+
+    ``g`` holds the output-gradient rows of every column: ``(columns, N, R, groups, width)``.
     """
     _, qr, _, qc = block.eigen()
     if layer.kind == "embedding" or layer.kind == "norm":
