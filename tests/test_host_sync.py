@@ -143,6 +143,9 @@ SETUP = 16
 # A spectrum whose extreme eigenvalues converge slowly: hundreds of products.
 SLOW = 100 * torch.arange(1, 401, dtype=F64) ** -0.3
 
+# A weak SPD preconditioner (a diagonal from 0.5 to 2): the solves still take hundreds of products.
+WEAK = Dense(torch.diag(torch.linspace(0.5, 2.0, 400, dtype=F64)), psd=True)
+
 ADAPTIVE = {
     # A check reads the device once and the host's replay of the steps once (a CPU tensor: no wait on a GPU).
     # With the default basis of 20 vectors and k <= 3 a thick restart comes every 9 or 10 steps, and with
@@ -159,6 +162,13 @@ ADAPTIVE = {
     "solve_minres": lambda: solve(
         dense(torch.logspace(0, 2, 400) * torch.tensor([1.0, -1.0]).repeat(200)), torch.ones(400, dtype=F64),
         "minres", tol=1e-10,
+    ),
+    # A preconditioner's finiteness and breakdown flags travel with the solver's reads: no read of its own.
+    "solve_pcg": lambda: solve(dense(torch.logspace(0, 3, 400)), torch.ones(400, dtype=F64), "cg", tol=1e-10,
+                               preconditioner=WEAK),
+    "solve_pminres": lambda: solve(
+        dense(torch.logspace(0, 2, 400) * torch.tensor([1.0, -1.0]).repeat(200)), torch.ones(400, dtype=F64),
+        "minres", tol=1e-10, preconditioner=WEAK,
     ),
 }
 

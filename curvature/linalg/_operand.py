@@ -194,12 +194,21 @@ class Operand:
         Raises:
             ValueError: If a product since the operand was created held NaN or Inf.
         """
-        flag = self._finite if self._finite is not None else torch.ones((), dtype=torch.bool, device=self.device)
-        parts = [t.detach().reshape(-1).to(device=self.device, dtype=torch.float64) for t in (*tensors, flag)]
+        parts = [t.detach().reshape(-1).to(device=self.device, dtype=torch.float64) for t in (*tensors, self.finite())]
         values = torch.cat(parts).tolist()
         if not values.pop():
             raise ValueError(f"a product with {self.name} contains NaN or Inf; {_HINT}")
         return values
+
+    def finite(self) -> torch.Tensor:
+        """Whether every product so far was finite, as a boolean 0-d tensor on the device (no host read).
+
+        With deferred checks it is what :meth:`fetch` verifies; a caller that reads it together with another
+        operand's values (a solver's preconditioner) verifies it itself. Without them it is always True.
+        """
+        if self._finite is None:
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        return self._finite
 
     def check(self) -> None:
         """Raise if a product held NaN or Inf: one host synchronisation with deferred checks, none without.

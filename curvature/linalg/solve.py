@@ -5,7 +5,9 @@ Both methods need only products ``A @ v``, one per iteration, and a few vectors 
 the Newton systems of Hessian-free optimization); MINRES (Paige & Saunders 1975) handles any symmetric
 ``A``, indefinite or singular (a damped Hessian away from a minimum). Both stop on the relative residual
 :math:`\|b - A x_k\| \le \mathrm{tol}\, \|b\|`, measured by the recurrence (no extra product); MINRES also
-stops at a least-squares solution when the system is singular and inconsistent.
+stops at a least-squares solution when the system is singular and inconsistent. Both accept a symmetric
+positive definite preconditioner :math:`M \approx A^{-1}` (one product with it per iteration), checked and
+counted by ``linalg._preconditioner``; ``tol`` keeps its meaning, the residual of the original system.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from .._checks import check_count, check_scalar
 from ._operand import NOISE, Operand, PrecisionWarning, until_check
+from ._preconditioner import Preconditioner
 
 __all__ = ["SolveResult", "solve"]
 
@@ -40,9 +43,10 @@ class SolveResult:
         x: The approximate solution, shape ``(P,)``, in the operator's dtype and device (computed in the
             working precision, float32 at least, and rounded to the operator's dtype at the end; the residual
             and ``converged`` are those of the rounded ``x``).
-        num_matvecs: Products spent: ``iterations``, plus one when ``x0`` was given (for ``b − A x0``),
-            plus one (CG) or one or two (MINRES) when the final residual was computed afresh (see
-            ``residual_norm``); 0 when ``b = 0``.
+        num_matvecs: Products with ``op`` spent: ``iterations``, plus one when ``x0`` was given (for
+            ``b − A x0``), plus one (CG) or one or two (MINRES) when the final residual was computed afresh (see
+            ``residual_norm``; preconditioned MINRES always does); 0 when ``b = 0``. Products with the
+            preconditioner are not counted here (``num_preconditioner_applications``).
         converged: True when the relative residual :math:`\|b - A x\| \le \mathrm{tol}\, \|b\|` was
             met by the returned ``x``: by the recurrence where its rounding is below 1% of ``tol``, else by a
             freshly computed residual, to which the rounding of half-precision products is added (see
@@ -56,13 +60,17 @@ class SolveResult:
             operator's dtype), and MINRES's can drift further; so the residual is computed afresh (one product,
             MINRES one or two) when a solver cannot vouch for it: when :math:`\varepsilon \|A\| \|x\|` exceeds
             1% of ``tol ‖b‖`` (or, for MINRES ending short of ``tol``, of its residual), after MINRES's size
-            test, or when its estimate of :math:`\kappa(A)` reaches :math:`1/\sqrt{\varepsilon}`.
+            test, or when its estimate of :math:`\kappa(A)` reaches :math:`1/\sqrt{\varepsilon}`; and always
+            after preconditioned MINRES, whose recurrence minimizes :math:`\sqrt{r^\top M r}` instead.
         iterations: Iterations run, each costing one product: up to the one whose test stopped the method
             (for CG that met negative curvature, that iteration's product found it and ``x`` was not moved
             along it), and after it at most 7 more that ran before the host read the test's outcome, which
             leave ``x`` as it is (see :func:`solve`).
         negative_curvature: True when CG met a direction :math:`p` with :math:`p^\top A p \le 0` and
             stopped there; always False for MINRES.
+        num_preconditioner_applications: Products with the preconditioner: one for the initial residual and one
+            per iteration (those after the stopping test included), so ``iterations + 1``; 0 without a
+            preconditioner or when ``b = 0``.
     """
 
     x: torch.Tensor
@@ -71,6 +79,7 @@ class SolveResult:
     residual_norm: float
     iterations: int
     negative_curvature: bool = False
+    num_preconditioner_applications: int = 0
 
 
 def solve(
@@ -81,6 +90,7 @@ def solve(
     max_iter: Optional[int] = None,
     x0: Optional[torch.Tensor] = None,
     assume_psd: bool = False,
+    preconditioner: Any = None,
 ) -> SolveResult:
     r"""Solve :math:`A x = b` for a symmetric operator :math:`A` by conjugate gradients or MINRES.
 
@@ -145,6 +155,44 @@ def solve(
     computes the true residual and that of the earlier iterate with the least :math:`\|A r\| / \|r\|` among
     those whose residual could be trusted, and returns the better (one or two products).
 
+    **Preconditioning.** ``preconditioner=M``, a symmetric positive definite approximation of :math:`A^{-1}`
+    (a K-FAC or diagonal inverse of a damped GGN, say), replaces the Krylov space by
+    :math:`\mathcal{K}_k(M A, M r_0)`: the iterations needed then depend on the spectrum of :math:`M A`
+    instead of that of :math:`A` (with :math:`M = A^{-1}` exactly, one iteration solves the system). Each
+    iteration costs one product with ``M`` besides the one with ``A``. Preconditioned CG (Hestenes & Stiefel
+    1952; Saad 2003, "Iterative Methods for Sparse Linear Systems", 2nd ed., SIAM, §9.2, Algorithm 9.1) starts
+    from :math:`z_0 = M r_0`, :math:`p_0 = z_0` and runs
+
+    .. math::
+
+        \alpha_k = \frac{r_k^\top z_k}{p_k^\top A p_k}, \quad x_{k+1} = x_k + \alpha_k p_k, \quad
+        r_{k+1} = r_k - \alpha_k A p_k, \quad z_{k+1} = M r_{k+1}, \quad
+        p_{k+1} = z_{k+1} + \frac{r_{k+1}^\top z_{k+1}}{r_k^\top z_k} p_k,
+
+    which minimizes the :math:`A`-norm of the error over :math:`x_0 + \mathcal{K}_k(M A, M r_0)`; ``r_k`` is
+    still the residual :math:`b - A x_k` of the original system. Preconditioned MINRES (Paige & Saunders
+    1975, as in their MINRES code; derived in Elman, Silvester & Wathen 2014, "Finite Elements and Fast
+    Iterative Solvers", 2nd ed., Oxford University Press) runs the Lanczos process of :math:`M^{1/2} A M^{1/2}`
+    without forming the square root: the vectors :math:`q_k` are orthonormal in the inner product
+    :math:`q^\top M q`, with :math:`\beta_{k+1} = \sqrt{w^\top M w}` for the new Lanczos remainder :math:`w`,
+    and ``A`` multiplies :math:`M q_k`. Its recurrence then minimizes :math:`\sqrt{r_k^\top M r_k}`, not
+    :math:`\|r_k\|`; so it also updates the residual vector itself (:math:`r_k = s_k^2 r_{k-1} - (\phi_k /
+    \gamma_k) w`, one more vector) for the stopping test, and always computes its final residual afresh (one
+    or two products). The least-squares and breakdown tests above apply to the preconditioned operator; the
+    size test measures :math:`x_k - x_0` by :math:`\|x_k - x_0\| / \sqrt{\|M\|}` (:math:`\|M\|` estimated by the
+    largest :math:`\|M w\| / \|w\|` seen); on a singular inconsistent system the least-squares point is the
+    one of the norm :math:`\sqrt{r^\top M r}`.
+
+    ``M`` must be symmetric positive definite: it is refused before any product if its shape, device or dtype
+    do not match (its dtype may be the operator's or the working dtype: a float32 preconditioner of a bfloat16
+    operator receives the float32 vectors as they are), if it is not symmetric (as ``op``), or if it is
+    flagged ``is_psd=False``. An object without the flag (a dense tensor) is accepted, and positive
+    definiteness is checked as the iterations run, at no cost: a residual (CG) or Lanczos remainder (MINRES)
+    :math:`r \ne 0` with :math:`r^\top M r \le 0` raises a ``ValueError`` at the next check instead of
+    returning iterates that mean nothing. Whatever ``M``, ``tol`` keeps its meaning (the relative residual of
+    the original system, certified as below), so results with and without a preconditioner compare, and
+    ``num_matvecs`` counts the products with ``op`` only.
+
     Both stop when :math:`\|r_k\| \le \mathrm{tol}\, \|b\|`, with :math:`\|r_k\|` from the recurrence.
     In exact arithmetic both terminate within :math:`P` iterations; rounding delays that, so ``max_iter``
     defaults to :math:`10 P`. The true residual cannot fall much below :math:`\varepsilon \|A\| \|x\|`
@@ -177,8 +225,9 @@ def solve(
     ``k``) but are counted in ``iterations`` and ``num_matvecs``.
 
     Cost: one product per iteration, plus one for :math:`b - A x_0` when ``x0`` is given, plus one or two
-    when MINRES checks its final residual (above); none when ``b = 0`` (the solution is 0). Memory: about
-    six vectors of size :math:`P` (CG) or ten (MINRES).
+    when MINRES checks its final residual (above); none when ``b = 0`` (the solution is 0). With a
+    preconditioner, also one product with it per iteration and one for :math:`M r_0`. Memory: about
+    six vectors of size :math:`P` (CG) or ten (MINRES); a preconditioner adds one (CG) or three (MINRES).
 
     Args:
         op: A symmetric operator with ``@``, ``.shape``, ``.dtype`` and ``.device``: a curvature operator,
@@ -191,18 +240,24 @@ def solve(
         x0: Initial guess ``(P,)`` (a warm start); None starts from zero.
         assume_psd: Let CG run on an operator not flagged ``is_psd`` (a dense tensor, or a Hessian damped
             enough to be positive definite); the caller vouches for it.
+        preconditioner: None, or a symmetric positive definite approximation ``M`` of :math:`A^{-1}` with
+            ``@``, ``.shape``, ``.dtype`` and ``.device`` (a :class:`~curvature.LinearOperator`, such as a K-FAC
+            inverse, or a dense tensor), of shape ``(P, P)``, on the operator's device, in its dtype or the
+            working dtype; for either method (see above).
 
     Returns:
         A :class:`SolveResult`.
 
     Raises:
-        TypeError: If ``op`` is not an operator, or ``b``, ``x0``, ``tol`` or ``max_iter`` have the wrong
-            type or dtype.
+        TypeError: If ``op`` or ``preconditioner`` is not an operator, or ``b``, ``x0``, ``tol``,
+            ``max_iter`` or ``preconditioner`` have the wrong type or dtype.
         ValueError: If ``method`` is unknown, ``tol`` is not positive and finite, ``max_iter`` is below 1,
             ``b`` or ``x0`` have the wrong shape or device or are not finite, ``op`` is not symmetric (flagged
             ``is_symmetric=False``, or a dense tensor that is not symmetric to rounding,
             ``check_symmetric``), or CG is asked to solve with an operator not
-            known to be PSD.
+            known to be PSD; if ``preconditioner`` has the wrong shape or device, is not symmetric, is flagged
+            ``is_psd=False``, or turns out not to be positive definite (:math:`r^\top M r \le 0` for some
+            :math:`r \ne 0`, found during the iterations) or to return NaN or Inf.
 
     Warns:
         PrecisionWarning: When the recurrence met ``tol`` but the residual of the returned ``x``, computed afresh
@@ -220,6 +275,10 @@ def solve(
         >>> D = torch.diag(torch.tensor([2.0, -1.0], dtype=torch.float64))  # indefinite: MINRES
         >>> solve(D, torch.tensor([2.0, 1.0], dtype=torch.float64), method="minres").x.round(decimals=12).tolist()
         [1.0, -1.0]
+        >>> S = torch.diag(torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64))  # Jacobi: M = diag(A)⁻¹
+        >>> pcg = solve(S, torch.ones(3, dtype=torch.float64), assume_psd=True, preconditioner=torch.diag(1 / S.diag()))
+        >>> pcg.iterations, pcg.num_preconditioner_applications
+        (1, 2)
     """
     if not isinstance(method, str) or method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
@@ -239,6 +298,7 @@ def solve(
             "GGN of a loss not known to be convex, or a dense tensor); pass assume_psd=True if it is (e.g. a "
             "Hessian damped enough), or use method='minres' for a symmetric indefinite operator."
         )
+    precond = None if preconditioner is None else Preconditioner(preconditioner, operand)
 
     b_norm = float(b.norm())
     if b_norm == 0.0:  # A x = 0 is solved by x = 0 whatever A is; no product needed
@@ -250,9 +310,9 @@ def solve(
         x0 = operand.work(x0)
         x, r = x0.clone(), b - operand @ x0
     if method == "cg":
-        result, achievable = _cg(operand, b, x, r, tol, max_iter)
+        result, achievable = _cg(operand, b, x, r, tol, max_iter, precond)
     else:
-        result, achievable = _minres(operand, b, x, r, tol, max_iter)
+        result, achievable = _minres(operand, b, x, r, tol, max_iter, precond)
     if achievable > tol:
         why = (f"the rounding of b - A x is about {NOISE:g} u ‖A‖ ‖x‖ with u = {operand.unit_roundoff:.1e}"
                if _rounding(operand) else "the recurrence met it, the residual of x computed afresh did not")
@@ -342,7 +402,7 @@ def _certify(operand: Operand, b: torch.Tensor, x: torch.Tensor, threshold: floa
 
 
 def _cg(operand: Operand, b: torch.Tensor, x: torch.Tensor, r: torch.Tensor, tol: float,
-        max_iter: int) -> tuple[SolveResult, float]:
+        max_iter: int, precond: Optional[Preconditioner] = None) -> tuple[SolveResult, float]:
     """Conjugate gradients from ``x`` with residual ``r = b - A x``, reading its state on the host at checks only.
 
     Every iteration computes its step and its stopping tests on the device; once a test has fired (converged,
@@ -351,18 +411,28 @@ def _cg(operand: Operand, b: torch.Tensor, x: torch.Tensor, r: torch.Tensor, tol
     When the recurrence claims convergence but its rounding, ``ε ‖A‖ ‖x‖`` with ``‖A‖ ≥ max ‖A p‖ / ‖p‖``, is
     above 1% of the threshold, the residual is computed afresh (:func:`_certify`).
 
+    With a preconditioner ``M`` the directions are built from ``z = M r`` and ``ρ = rᵀz`` replaces ``rᵀr`` in
+    ``α`` and ``β`` (:func:`_preconditioned_residual`); ``r`` is still the residual of the original system, and
+    ``rᵀr`` is tracked beside ``ρ`` for the stopping test. A residual with ``ρ ≤ 0`` stops the iterations and is
+    reported at the next check (``M`` is not positive definite).
+
     Returns the result and the relative residual that half-precision products can certify when ``tol`` is
     below it (0 otherwise).
     """
-    b_norm, rs_host = operand.fetch_floats(b.norm(), torch.dot(r, r))
+    z = r if precond is None else precond @ r
+    rho = torch.dot(r, z)  # ρ = rᵀ M r (rᵀr without a preconditioner)
+    rs = torch.dot(r, r) if precond is not None else rho
+    flags = () if precond is None else precond.flags(~(rho > 0))
+    b_norm, rs_host, *checks = operand.fetch_floats(b.norm(), rs, *flags)
     threshold = tol * b_norm
-    rs = torch.dot(r, r)
     converged = math.sqrt(rs_host) <= threshold
+    if precond is not None and not converged:  # r ≠ 0 here
+        precond.verify(*checks, "cg")
     negative_curvature = False
     iterations = 0
-    p = r.clone()
+    p = z.clone()
     active = torch.ones((), dtype=torch.bool, device=r.device)  # no stopping test has fired yet
-    met = negative = torch.zeros((), dtype=torch.bool, device=r.device)
+    met = negative = broken = torch.zeros((), dtype=torch.bool, device=r.device)
     a_norm = torch.zeros((), dtype=torch.float64, device=r.device)  # max ‖A p‖ / ‖p‖: a lower bound on ‖A‖
     a_norm_host = 0.0
     while not converged and not negative_curvature and iterations < max_iter:
@@ -371,7 +441,7 @@ def _cg(operand: Operand, b: torch.Tensor, x: torch.Tensor, r: torch.Tensor, tol
             Ap = operand @ p
             a_norm = torch.where(active, torch.maximum(a_norm, (Ap.norm() / p.norm()).double()), a_norm)
             pAp = torch.dot(p, Ap)
-            alpha = rs / pAp
+            alpha = rho / pAp
             x_new = x + alpha * p
             r_new = r - alpha * Ap
             rs_new = torch.dot(r_new, r_new)
@@ -382,10 +452,19 @@ def _cg(operand: Operand, b: torch.Tensor, x: torch.Tensor, r: torch.Tensor, tol
             met = met | done
             x, r = torch.where(step, x_new, x), torch.where(step, r_new, r)
             active = step & ~done
-            p = torch.where(active, r_new + (rs_new / rs) * p, p)
-            rs = torch.where(step, rs_new, rs)
+            if precond is None:
+                z_new, rho_new = r_new, rs_new
+            else:
+                z_new, rho_new, active, broken = _preconditioned_residual(precond, r, active, broken)
+            p = torch.where(active, z_new + (rho_new / rho) * p, p)
+            rho = torch.where(step, rho_new, rho)
+            rs = torch.where(step, rs_new, rs) if precond is not None else rho
         iterations += count
-        met_host, negative_host, rs_host, a_norm_host = operand.fetch_floats(met, negative, rs, a_norm)
+        flags = () if precond is None else precond.flags(broken)
+        met_host, negative_host, rs_host, a_norm_host, *checks = operand.fetch_floats(met, negative, rs, a_norm,
+                                                                                       *flags)
+        if precond is not None:
+            precond.verify(*checks, "cg")
         converged, negative_curvature = bool(met_host), bool(negative_host)
     residual_norm, achievable = math.sqrt(rs_host), 0.0
     x = x.to(operand.dtype)
@@ -400,29 +479,58 @@ def _cg(operand: Operand, b: torch.Tensor, x: torch.Tensor, r: torch.Tensor, tol
         residual_norm=residual_norm,
         iterations=iterations,
         negative_curvature=negative_curvature,
+        num_preconditioner_applications=0 if precond is None else precond.num_applications,
     ), achievable
 
 
+def _preconditioned_residual(precond: Preconditioner, r: torch.Tensor, active: torch.Tensor,
+                             broken: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PCG's ``z = M r`` and ``ρ = rᵀ z`` for the new residual, and the breakdown test on the device.
+
+    Where CG goes on (``active``: ``r`` is above the threshold, so not zero), ``ρ ≤ 0`` means that ``M`` is not
+    positive definite: ``active`` is cleared and ``broken`` set, for :meth:`Preconditioner.verify` to raise at the
+    next check. ``r`` is the residual kept (the previous one where CG stopped), so ``M`` never sees the NaN of a
+    step that was not taken.
+
+    Returns ``z``, ``ρ``, the updated ``active`` and ``broken``.
+    """
+    z = precond @ r
+    rho = torch.dot(r, z)
+    positive = rho > 0
+    return z, rho, active & positive, broken | (active & ~positive)
+
+
 def _minres(
-    operand: Operand, b: torch.Tensor, x0: torch.Tensor, r: torch.Tensor, tol: float, max_iter: int
+    operand: Operand, b: torch.Tensor, x0: torch.Tensor, r: torch.Tensor, tol: float, max_iter: int,
+    precond: Optional[Preconditioner] = None,
 ) -> tuple[SolveResult, float]:
     """MINRES from ``x0`` with residual ``r = b - A x0``, reading its state on the host at checks only.
 
     The iterations run on the device (:class:`_MinresState`); after each batch
     (:func:`~curvature.linalg._operand.until_check`) the host reads whether a stopping test has fired. At the
     end the recurrence's residual is taken for the returned ``x`` unless it cannot be trusted
-    (:func:`_recurrence_trusted`); then the residual is computed afresh (:func:`_certify`).
+    (:func:`_recurrence_trusted`); then the residual is computed afresh (:func:`_certify`). With a
+    preconditioner ``M`` the Lanczos process starts from ``β_1 = √(r_0ᵀ M r_0)`` (refused unless positive), and
+    the final residual is always computed afresh: the recurrence's is in the norm ``√(rᵀ M r)``.
 
     Returns the result and the relative residual that the products can certify when the recurrence met ``tol``
     but the fresh residual does not (0 otherwise).
     """
-    b_norm, beta_1, x0_norm = operand.fetch_floats(b.norm(), r.norm(), x0.norm())  # β_1 = ‖r_0‖
+    y = r if precond is None else precond @ r
+    r_norm = r.norm()
+    ry = None if precond is None else torch.dot(r, y)
+    beta_1 = r_norm if ry is None else ry.clamp_min(0).sqrt()  # β_1 = √(r_0ᵀ M r_0); ‖r_0‖ without M
+    flags = () if ry is None else precond.flags(~(ry > 0))
+    b_norm, r_norm, beta_1, x0_norm, *checks = operand.fetch_floats(b.norm(), r_norm, beta_1, x0.norm(), *flags)
     threshold = tol * b_norm
-    if beta_1 <= threshold:
+    applications = 0 if precond is None else precond.num_applications
+    if r_norm <= threshold:
         result = SolveResult(x=x0.to(operand.dtype), num_matvecs=operand.num_matvecs, converged=True,
-                             residual_norm=beta_1, iterations=0)
+                             residual_norm=r_norm, iterations=0, num_preconditioner_applications=applications)
         return result, 0.0
-    state = _MinresState(operand, r, beta_1, x0_norm, threshold)
+    if precond is not None:  # r_0 ≠ 0 here
+        precond.verify(*checks, "minres")
+    state = _MinresState(operand, r, beta_1, x0_norm, threshold, precond, y)
     while state.iterations < max_iter:
         for _ in range(min(until_check(state.iterations), max_iter - state.iterations)):
             state.step()
@@ -430,7 +538,8 @@ def _minres(
         if not outcome.active:
             break
     x = (x0 + state.z).to(operand.dtype)
-    if _recurrence_trusted(operand, outcome, x, threshold):
+    applications = 0 if precond is None else precond.num_applications
+    if precond is None and _recurrence_trusted(operand, outcome, x, threshold):
         result = SolveResult(x=x, num_matvecs=operand.num_matvecs, converged=outcome.converged,
                              residual_norm=outcome.residual_norm, iterations=state.iterations)
         return result, 0.0
@@ -438,7 +547,8 @@ def _minres(
     earlier = (x0 + state.best_z).to(operand.dtype) if outcome.has_best and not outcome.best_is_z else None
     certified = _certify(operand, b, x, threshold, outcome.a_norm, b_norm, earlier=earlier)
     result = SolveResult(x=certified.x, num_matvecs=operand.num_matvecs, converged=certified.converged,
-                         residual_norm=certified.residual_norm, iterations=state.iterations)
+                         residual_norm=certified.residual_norm, iterations=state.iterations,
+                         num_preconditioner_applications=applications)
     # Only a residual the recurrence claimed met tol can be below what the products certify.
     return result, certified.achievable if outcome.converged else 0.0
 
@@ -452,7 +562,8 @@ class _MinresOutcome:
         converged: The recurrence's residual met the threshold.
         breakdown: The Lanczos process found an invariant space (``x`` is the exact minimizer over it).
         too_large: The size test stopped it (``x`` moved along directions of numerically zero curvature).
-        residual_norm: The recurrence's residual ``|φ̄|``.
+        residual_norm: The recurrence's residual ``|φ̄|`` (with a preconditioner, the norm of the residual vector
+            updated beside it: ``|φ̄|`` is then ``√(rᵀ M r)``).
         a_norm: The running lower bound on ``‖A‖``.
         d_max: The largest ``‖d_k‖``, so that ``a_norm · d_max`` estimates ``κ(A)``.
         has_best: Some iterate's residual could be trusted.
@@ -503,10 +614,20 @@ class _MinresState:
 
     The recurrence runs in the working precision; ``ε`` of the operator's dtype measures the rounding of the
     products (what the true residual can reach), that of the working dtype the least-squares test's level.
+
+    With a preconditioner ``M`` the same recurrence runs on :math:`M^{1/2} A M^{1/2}` without its square root
+    (as in Paige & Saunders' code): ``v`` holds the Lanczos vectors, orthonormal in the inner product
+    :math:`v^\top M v`, and ``mv`` their images ``M v``, which ``A`` multiplies and ``d`` gathers;
+    :math:`\beta_{k+1} = \sqrt{w^\top M w}` (:meth:`_precondition`). Then :math:`|\bar\phi_k|` is
+    :math:`\sqrt{r_k^\top M r_k}`, so ``r`` itself is updated (:meth:`_update_iterate`) for the residual test, and
+    the rounding tests use ``op_norm``, a lower bound on :math:`\|A\|`, where ``a_norm`` bounds the
+    preconditioned operator.
     """
 
-    def __init__(self, operand: Operand, r: torch.Tensor, beta_1: float, x0_norm: float, threshold: float) -> None:
+    def __init__(self, operand: Operand, r: torch.Tensor, beta_1: float, x0_norm: float, threshold: float,
+                 precond: Optional[Preconditioner], y: torch.Tensor) -> None:
         self.operand, self.beta_1, self.x0_norm, self.threshold = operand, beta_1, x0_norm, threshold
+        self.precond = precond
         self.eps = 2 * operand.unit_roundoff  # the machine epsilon of the products
         # Relative to ‖A‖, what counts as zero for β (Lanczos breakdown) and for a singular value of A. At an
         # invariant subspace the computed β is rounding noise of the product and the three-term recurrence, a
@@ -521,6 +642,8 @@ class _MinresState:
         self.iterations = 0
         self.v_prev = torch.zeros_like(r)
         self.v = r / beta_1
+        # M v (y = M r_0): the vector multiplied by A and gathered into x; v itself without a preconditioner
+        self.mv = self.v if precond is None else y / beta_1
         self.z = torch.zeros_like(r)  # x - x0
         self.d_prev2, self.d_prev = torch.zeros_like(r), torch.zeros_like(r)
         self.c_prev2, self.s_prev2, self.c_prev, self.s_prev = scalar(1.0), scalar(0.0), scalar(1.0), scalar(0.0)
@@ -532,37 +655,76 @@ class _MinresState:
         self.best_ar, self.best_z = scalar(math.inf), self.z  # ‖A r‖ / ‖r‖ and z of the least such trusted iterate
         self.has_best, self.best_is_z = false, false  # whether there is one, and whether it is the final z
         self.active, self.converged, self.breakdown, self.too_large = true, false, false, false
+        if precond is not None:
+            self.r = r.clone()  # b - A x: the recurrence gives its M-norm only, so the vector is updated too
+            self.r_norm = r.norm().double()
+            self.op_norm_ = scalar(0.0)  # running lower bound on ‖A‖: max_k ‖A M v_k‖ / ‖M v_k‖
+            self.m_norm = (y.norm() / r.norm()).double()  # running lower bound on ‖M‖: max ‖M w‖ / ‖w‖
+            self.broken = false  # some w ≠ 0 had wᵀ M w ≤ 0
+
+    @property
+    def residual(self) -> torch.Tensor:
+        """``‖b − A x_k‖`` as the recurrence has it: ``|φ̄_k|``, or with a preconditioner the norm of ``r``."""
+        return self.phi_bar.abs() if self.precond is None else self.r_norm
+
+    @property
+    def op_norm(self) -> torch.Tensor:
+        """The running lower bound on ``‖A‖`` (with a preconditioner, ``a_norm`` bounds ``‖M^½ A M^½‖`` instead)."""
+        return self.a_norm if self.precond is None else self.op_norm_
 
     def step(self) -> None:
         """One iteration (one product): the Lanczos step, the stopping tests on ``x_{k-1}``, then ``x_k``."""
         self.iterations += 1
-        w, alpha, beta_next = self._lanczos_step()
+        w, alpha = self._lanczos_step()
+        y, beta_next = (w, w.norm()) if self.precond is None else self._precondition(w)
         beta_next_ = beta_next.double()
         z_norm = self.z.norm().double()
         self.a_norm = torch.where(
             self.active, torch.maximum(self.a_norm, (self.coupling**2 + alpha**2 + beta_next_**2).sqrt()), self.a_norm
         )
-        going = self.active & ~self._too_large(z_norm)
+        # With a preconditioner the size test measures z in the M⁻¹-norm, estimated by ‖z‖ / √‖M‖.
+        going = self.active & ~self._too_large(z_norm if self.precond is None else z_norm / self.m_norm.sqrt())
         epsilon, delta, gamma_bar = self._rotate_column(alpha)
         a_r = torch.hypot(gamma_bar, self.c_prev * beta_next_)  # ‖A r_{k-1}‖ / ‖r_{k-1}‖
         self._remember_trusted(going, a_r, z_norm)
         going = going & ~self._least_squares(a_r)
-        c, s, d = self._update_iterate(going, gamma_bar, beta_next_, delta, epsilon)
-        met = going & (self.phi_bar.abs() <= self.threshold)
+        c, s, d = self._update_iterate(going, gamma_bar, beta_next_, delta, epsilon, w)
+        met = going & (self.residual <= self.threshold)
         # Lanczos breakdown: x is the exact minimizer over the space.
         broke = going & (beta_next_ <= self.small * self.a_norm)
         self.converged, self.breakdown = self.converged | met, self.breakdown | broke
         self.active = going & ~met & ~broke
-        self._shift(c, s, d, w, beta_next, beta_next_)
+        if self.precond is not None:  # wᵀ M w ≤ 0 for w ≠ 0: M is not positive definite, stop and report it
+            self.active = self.active & ~self.broken
+        self._shift(c, s, d, w, y, beta_next, beta_next_)
 
-    def _lanczos_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``w = A v_k − β_k v_{k-1} − α_k v_k`` (no reorthogonalization) with ``α_k`` (float64) and ``‖w‖``."""
-        w = self.operand @ self.v
+    def _lanczos_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w = A v_k − β_k v_{k-1} − α_k v_k`` (no reorthogonalization) with ``α_k`` (float64).
+
+        With a preconditioner ``A`` multiplies ``M v_k`` and ``α_k = (M v_k)ᵀ w``; the running ``‖A‖`` is updated.
+        """
+        w = self.operand @ self.mv
+        if self.precond is not None:
+            ratio = (w.norm() / self.mv.norm()).double()
+            self.op_norm_ = torch.where(self.active, torch.maximum(self.op_norm_, ratio), self.op_norm_)
         if self.iterations > 1:
             w = w - self.beta * self.v_prev
-        alpha = torch.dot(self.v, w)
+        alpha = torch.dot(self.mv, w)
         w = w - alpha * self.v
-        return w, alpha.double(), w.norm()
+        return w, alpha.double()
+
+    def _precondition(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``y = M w`` and ``β_{k+1} = √(wᵀ M w)``, recording a breakdown (``wᵀ M w ≤ 0`` for ``w ≠ 0``).
+
+        At an invariant space ``w`` is rounding noise, and ``wᵀ M w`` stays positive for a positive definite ``M``
+        (well conditioned to working precision); only an exactly zero ``w`` has ``wᵀ M w = 0`` legitimately.
+        """
+        y = self.precond @ w
+        wy, w_norm = torch.dot(w, y), w.norm()
+        self.broken = self.broken | (self.active & ~(wy > 0) & (w_norm > 0))
+        ratio = torch.where(w_norm > 0, y.norm() / w_norm, 0.0).double()
+        self.m_norm = torch.where(self.active, torch.maximum(self.m_norm, ratio), self.m_norm)
+        return y, wy.clamp_min(0).sqrt()
 
     def _too_large(self, z_norm: torch.Tensor) -> torch.Tensor:
         """Size test (Paige & Saunders' bound on ``‖x‖``, at the 100 ε level used here for a zero singular value).
@@ -588,7 +750,7 @@ class _MinresState:
         Its recurrence residual is trusted while the rounding of ``b - A x``, about ``ε ‖A‖ ‖x‖``, stays below
         1% of it (``_HONEST``).
         """
-        trusted = self.eps * self.a_norm * (self.x0_norm + z_norm) <= _HONEST * self.phi_bar.abs()
+        trusted = self.eps * self.op_norm * (self.x0_norm + z_norm) <= _HONEST * self.residual
         better = going & trusted & (a_r < self.best_ar)
         self.best_ar, self.best_z = torch.where(better, a_r, self.best_ar), torch.where(better, self.z, self.best_z)
         self.has_best, self.best_is_z = self.has_best | better, self.best_is_z | better
@@ -603,19 +765,33 @@ class _MinresState:
         return a_r <= self.ls_tol * self.a_norm
 
     def _update_iterate(self, going: torch.Tensor, gamma_bar: torch.Tensor, beta_next: torch.Tensor,
-                        delta: torch.Tensor, epsilon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The new rotation ``(c_k, s_k)``, direction ``d_k`` and, where ``going``, ``z_k`` and ``φ̄_k``."""
+                        delta: torch.Tensor, epsilon: torch.Tensor,
+                        w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""The new rotation ``(c_k, s_k)``, direction ``d_k`` and, where ``going``, ``z_k`` and ``φ̄_k``.
+
+        With a preconditioner, also the residual vector :math:`r_k = s_k^2 r_{k-1} - (\phi_k / \gamma_k) w`:
+        :math:`r_k = \bar\phi_k V_{k+1} Q_k^\top e_{k+1}` (the Lanczos vectors :math:`v`, orthonormal in the
+        :math:`M`-inner product, not in the Euclidean one, so :math:`\|r_k\| \ne |\bar\phi_k|`), and the last
+        column of :math:`Q_k^\top` is :math:`(-s_k\, Q_{k-1}^\top e_k,\ c_k)`, so
+        :math:`r_k = s_k^2 r_{k-1} + c_k \bar\phi_k v_{k+1}` with :math:`c_k \bar\phi_k v_{k+1}
+        = -c_k s_k \bar\phi_{k-1} w / \beta_{k+1} = -(\phi_k / \gamma_k) w`: no division by a vanishing
+        :math:`\beta_{k+1}`.
+        """
         gamma = torch.hypot(gamma_bar, beta_next)  # ≥ a_r > 0 where going
         c, s = gamma_bar / gamma, beta_next / gamma
-        d = (self.v - delta * self.d_prev - epsilon * self.d_prev2) / gamma
-        self.z = torch.where(going, self.z + (c * self.phi_bar) * d, self.z)
+        d = (self.mv - delta * self.d_prev - epsilon * self.d_prev2) / gamma
+        phi = c * self.phi_bar  # φ_k
+        self.z = torch.where(going, self.z + phi * d, self.z)
+        if self.precond is not None:
+            self.r = torch.where(going, (s * s) * self.r - (phi / gamma) * w, self.r)
+            self.r_norm = torch.where(going, self.r.norm().double(), self.r_norm)
         self.best_is_z = self.best_is_z & ~going
         self.d_max = torch.where(going, torch.maximum(self.d_max, d.norm().double()), self.d_max)
         self.phi_bar = torch.where(going, -s * self.phi_bar, self.phi_bar)
         return c, s, d
 
-    def _shift(self, c: torch.Tensor, s: torch.Tensor, d: torch.Tensor, w: torch.Tensor, beta_next: torch.Tensor,
-               beta_next_: torch.Tensor) -> None:
+    def _shift(self, c: torch.Tensor, s: torch.Tensor, d: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
+               beta_next: torch.Tensor, beta_next_: torch.Tensor) -> None:
         """Where still active, step ``k`` becomes the previous one: directions, rotations, Lanczos vectors."""
         active = self.active
         self.d_prev2, self.d_prev = torch.where(active, self.d_prev, self.d_prev2), torch.where(active, d, self.d_prev)
@@ -623,16 +799,20 @@ class _MinresState:
         self.s_prev2 = torch.where(active, self.s_prev, self.s_prev2)
         self.c_prev, self.s_prev = torch.where(active, c, self.c_prev), torch.where(active, s, self.s_prev)
         self.v_prev, self.v = torch.where(active, self.v, self.v_prev), torch.where(active, w / beta_next, self.v)
+        self.mv = self.v if self.precond is None else torch.where(active, y / beta_next, self.mv)
         self.coupling = self.beta = torch.where(active, beta_next_, self.beta)
 
     def read(self) -> _MinresOutcome:
         """The flags and scalars the host needs, in one transfer."""
-        host = self.operand.fetch_floats(self.active, self.converged, self.breakdown, self.too_large, self.phi_bar,
-                                         self.a_norm, self.d_max, self.has_best, self.best_is_z)
-        active, converged, breakdown, too_large, phi_bar, a_norm, d_max, has_best, best_is_z = host
+        flags = () if self.precond is None else self.precond.flags(self.broken)
+        host = self.operand.fetch_floats(self.active, self.converged, self.breakdown, self.too_large, self.residual,
+                                         self.op_norm, self.d_max, self.has_best, self.best_is_z, *flags)
+        active, converged, breakdown, too_large, residual, a_norm, d_max, has_best, best_is_z, *checks = host
+        if self.precond is not None:
+            self.precond.verify(*checks, "minres")
         return _MinresOutcome(
             active=bool(active), converged=bool(converged), breakdown=bool(breakdown), too_large=bool(too_large),
-            residual_norm=abs(phi_bar), a_norm=a_norm, d_max=d_max, has_best=bool(has_best),
+            residual_norm=residual, a_norm=a_norm, d_max=d_max, has_best=bool(has_best),
             best_is_z=bool(best_is_z),
         )
 
