@@ -86,7 +86,7 @@ def test_monitor_argument_errors() -> None:
     with pytest.raises(ValueError, match="tol must be positive"):
         curvature.SharpnessMonitor(model, nn.MSELoss(), (x, y), tol=0.0)
     with pytest.raises(ValueError, match="operator must be"):
-        curvature.SharpnessMonitor(model, nn.MSELoss(), (x, y), operator="kfac")
+        curvature.SharpnessMonitor(model, nn.MSELoss(), (x, y), operator="banana")
     with pytest.raises(TypeError, match="warm_start must be a bool"):
         curvature.SharpnessMonitor(model, nn.MSELoss(), (x, y), warm_start=1)
 
