@@ -107,6 +107,10 @@ def try_steps(closure: Closure, params: list[torch.Tensor], origin: torch.Tensor
     return 0.0, first
 
 
+#: A preconditioner factory: ``(params, shift) -> operator`` approximating :math:`(B + \text{shift}\, I)^{-1}`.
+PreconditionerArg = Callable[[list, float], Any]
+
+
 def check_curvature(curvature: Any) -> CurvatureArg:
     """Check the ``curvature`` argument of an optimizer: ``"hessian"`` or a factory of operators."""
     if isinstance(curvature, str):
@@ -132,10 +136,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     :meth:`_check_group`.
     """
 
-    def __init__(self, params: Any, defaults: dict[str, Any], curvature: CurvatureArg) -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], curvature: CurvatureArg,
+                 preconditioner: Optional[PreconditionerArg] = None) -> None:
         self.curvature = check_curvature(curvature)
+        if preconditioner is not None and (isinstance(preconditioner, (LinearOperator, torch.Tensor))
+                                           or not callable(preconditioner)):
+            raise TypeError(
+                "preconditioner must be None or a callable (params, shift) -> operator approximating the inverse of "
+                "the shifted curvature, e.g. lambda params, shift: K.inverse(shift) for K = "
+                f"curvature.KFACOperator(model, loss_fn, data); got {type(preconditioner).__name__}."
+            )
+        self.preconditioner = preconditioner
         self._operators: dict[tuple[int, ...], tuple[Any, list[torch.Tensor]]] = {}
         super().__init__(params, defaults)
+
+    def _preconditioner(self, params: list[torch.Tensor], shift: float) -> Any:
+        """The preconditioner of this step's CG (None without a factory)."""
+        if self.preconditioner is None:
+            return None
+        return self.preconditioner(list(params), shift)
 
     # -- groups ----------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:

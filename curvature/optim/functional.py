@@ -109,7 +109,7 @@ def _non_negative(value: Any, name: str) -> float:
 
 
 def _shifted_cg(operand: Operand, grad: torch.Tensor, shift: float, x0: Optional[torch.Tensor],
-                tol: Optional[float], max_iter: Optional[int]) -> Any:
+                tol: Optional[float], max_iter: Optional[int], preconditioner: Any = None) -> Any:
     """CG on ``(B + shift I) d = -g`` to the given or the forcing tolerance, stopping at negative curvature.
 
     An inexact solve is part of a truncated Newton method, not a failure: a tolerance below what the products can
@@ -119,7 +119,7 @@ def _shifted_cg(operand: Operand, grad: torch.Tensor, shift: float, x0: Optional
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PrecisionWarning)
         return solve(_Shifted(operand, shift), -grad, method="cg", tol=forcing_tolerance(float(grad.norm()), tol),
-                     max_iter=max_iter, x0=x0, assume_psd=True)
+                     max_iter=max_iter, x0=x0, assume_psd=True, preconditioner=preconditioner)
 
 
 def forcing_tolerance(grad_norm: float, tol: Optional[float] = None) -> float:
@@ -177,6 +177,7 @@ def hessian_free_step(
     x0: Optional[torch.Tensor] = None,
     tol: Optional[float] = None,
     max_iter: Optional[int] = None,
+    preconditioner: Any = None,
 ) -> NewtonStep:
     r"""Truncated Newton-CG step on the damped system :math:`(B + \lambda I)\, d = -g` (Hessian-free).
 
@@ -199,6 +200,8 @@ def hessian_free_step(
         x0: A warm start for CG, e.g. the previous step times 0.95 (Martens 2010, Section 4.5).
         tol: Relative residual tolerance; None for the forcing sequence :math:`\min(\tfrac12, \sqrt{\|g\|})`.
         max_iter: Cap on CG iterations; None for :math:`10 P`.
+        preconditioner: An SPD operator :math:`M \approx (B + \lambda I)^{-1}` for preconditioned CG, e.g. the
+            damped K-FAC inverse ``curvature.KFACOperator(...).inverse(damping)`` (:func:`curvature.solve`).
 
     Returns:
         A :class:`NewtonStep`.
@@ -215,7 +218,7 @@ def hessian_free_step(
     operand = Operand(curvature, "curvature")
     grad = operand.check_vector(grad, "grad")
     damping = _non_negative(damping, "damping")
-    result = _shifted_cg(operand, grad, damping, x0, tol, max_iter)
+    result = _shifted_cg(operand, grad, damping, x0, tol, max_iter, preconditioner)
     direction, fallback = result.x, False
     if float(grad.norm()) > 0 and not float(torch.dot(grad, direction)) < 0:
         if damping == 0:
@@ -346,6 +349,7 @@ def regularized_newton_step(
     x0: Optional[torch.Tensor] = None,
     tol: Optional[float] = None,
     max_iter: Optional[int] = None,
+    preconditioner: Any = None,
 ) -> NewtonStep:
     r"""Gradient-regularized Newton step :math:`d = -(B + \lambda I)^{-1} g` with :math:`\lambda = \|g\|/\gamma`.
 
@@ -370,6 +374,7 @@ def regularized_newton_step(
         x0: A warm start for CG.
         tol: Relative residual tolerance; None for the forcing sequence :math:`\min(\tfrac12, \sqrt{\|g\|})`.
         max_iter: Cap on CG iterations; None for :math:`10 P`.
+        preconditioner: An SPD operator :math:`M \approx (B + \lambda I)^{-1}` for preconditioned CG.
 
     Returns:
         A :class:`NewtonStep` (``fallback`` is always False; ``negative_curvature`` says the step is not to be
@@ -389,7 +394,7 @@ def regularized_newton_step(
     gamma = check_scalar(gamma, "gamma")
     if gamma <= 0:
         raise ValueError(f"gamma must be positive, got {gamma}.")
-    result = _shifted_cg(operand, grad, float(grad.norm()) / gamma, x0, tol, max_iter)
+    result = _shifted_cg(operand, grad, float(grad.norm()) / gamma, x0, tol, max_iter, preconditioner)
     product = operand @ result.x
     return NewtonStep(
         direction=result.x,

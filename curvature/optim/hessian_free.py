@@ -10,7 +10,7 @@ import torch
 from .._checks import check_count, check_scalar
 from .._closure import Closure
 from .._flat import flatten
-from ._base import CurvatureArg, CurvatureOptimizer, StateRecord, try_steps
+from ._base import CurvatureArg, CurvatureOptimizer, PreconditionerArg, StateRecord, try_steps
 from .functional import hessian_free_step, levenberg_marquardt_damping, loss_rounding, quadratic_model
 
 __all__ = ["HessianFree", "HessianFreeState"]
@@ -79,6 +79,10 @@ class HessianFree(CurvatureOptimizer):
         lr: Initial step length :math:`\alpha` (1 is Newton's).
         damping: Initial :math:`\lambda \ge 0`.
         curvature: ``"hessian"`` or a callable ``params -> operator`` (see above).
+        preconditioner: None, or a callable ``(params, damping) -> operator`` approximating
+            :math:`(B + \lambda I)^{-1}` for preconditioned CG, called at every step with the current damping; the
+            damped K-FAC inverse is the obvious one: ``K = curvature.KFACOperator(model, loss_fn, data)`` (its
+            factors follow the parameters), ``preconditioner=lambda params, damping: K.inverse(damping)``.
         cg_tol: CG's relative residual tolerance in (0, 1); None for the forcing sequence.
         cg_max_iter: Cap on CG iterations per step (Martens used 250); None for :math:`10 P`.
         warm_start: Factor on the previous step used as CG's initial guess; 0 starts from zero.
@@ -112,6 +116,7 @@ class HessianFree(CurvatureOptimizer):
         damping: float = 1.0,
         *,
         curvature: CurvatureArg = "hessian",
+        preconditioner: Optional[PreconditionerArg] = None,
         cg_tol: Optional[float] = None,
         cg_max_iter: Optional[int] = 250,
         warm_start: float = 0.95,
@@ -126,7 +131,7 @@ class HessianFree(CurvatureOptimizer):
             backtrack=backtrack, max_backtracks=max_backtracks, damping_increase=damping_increase,
             damping_decrease=damping_decrease, min_damping=min_damping,
         )
-        super().__init__(params, defaults, curvature)
+        super().__init__(params, defaults, curvature, preconditioner)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         self._positive(group, "lr")
@@ -153,7 +158,8 @@ class HessianFree(CurvatureOptimizer):
         previous = last.direction
         if previous is not None and group["warm_start"] > 0 and previous.shape == grad.shape:
             x0 = group["warm_start"] * previous  # (a group whose trainable set changed starts CG from zero)
-        step = hessian_free_step(op, grad, damping, x0=x0, tol=group["cg_tol"], max_iter=group["cg_max_iter"])
+        step = hessian_free_step(op, grad, damping, x0=x0, tol=group["cg_tol"], max_iter=group["cg_max_iter"],
+                                 preconditioner=self._preconditioner(params, damping))
         origin = flatten(p.detach() for p in params).clone()
         slope = float(torch.dot(grad, step.direction))
         slack = loss_rounding(start.value, origin.dtype)

@@ -12,7 +12,7 @@ import torch
 from .._checks import check_count
 from .._closure import Closure, evaluate
 from .._flat import flatten
-from ._base import CurvatureArg, CurvatureOptimizer, StateRecord, assign
+from ._base import CurvatureArg, CurvatureOptimizer, PreconditionerArg, StateRecord, assign
 from .functional import loss_rounding, regularized_newton_accepts, regularized_newton_step
 
 __all__ = ["RegularizedNewton", "RegularizedNewtonState"]
@@ -84,6 +84,10 @@ class RegularizedNewton(CurvatureOptimizer):
         lipschitz: None for the :math:`\gamma` form; an initial :math:`L > 0` for
             :math:`\lambda = \sqrt{L \|g\|}`.
         curvature: ``"hessian"`` or a callable ``params -> operator``.
+        preconditioner: None, or a callable ``(params, shift) -> operator`` approximating
+            :math:`(B + \lambda I)^{-1}` for preconditioned CG, called for every solve with its regularization
+            :math:`\lambda`: e.g. ``lambda params, shift: K.inverse(shift)`` for a
+            :class:`~curvature.KFACOperator` ``K``.
         cg_tol: CG's relative residual tolerance in (0, 1); None for the forcing sequence
             :math:`\min(\tfrac12, \sqrt{\|g\|})`.
         cg_max_iter: Cap on CG iterations per solve; None for :math:`10 P`.
@@ -112,13 +116,14 @@ class RegularizedNewton(CurvatureOptimizer):
         lipschitz: Optional[float] = None,
         *,
         curvature: CurvatureArg = "hessian",
+        preconditioner: Optional[PreconditionerArg] = None,
         cg_tol: Optional[float] = None,
         cg_max_iter: Optional[int] = None,
         max_attempts: int = 40,
     ) -> None:
         defaults = dict(gamma=gamma, lipschitz=lipschitz, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
                         max_attempts=max_attempts)
-        super().__init__(params, defaults, curvature)
+        super().__init__(params, defaults, curvature, preconditioner)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         self._positive(group, "gamma")
@@ -152,6 +157,7 @@ class RegularizedNewton(CurvatureOptimizer):
                     gamma = math.sqrt(grad_norm / lipschitz)
             regularization = grad_norm / gamma
             step = regularized_newton_step(op, start.grad, gamma, x0=x0, tol=group["cg_tol"],
+                                           preconditioner=self._preconditioner(params, regularization),
                                            max_iter=group["cg_max_iter"])
             matvecs += step.num_matvecs
             x0 = step.direction
