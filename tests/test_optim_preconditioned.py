@@ -1,7 +1,7 @@
 """Newton-CG preconditioned by the damped K-FAC inverse: the same steps, the same descent.
 
 Whether it saves iterations depends on how much of the curvature the block diagonal holds (on a small digits MLP the
-exact block-diagonal inverse saves a fifth, K-FAC's none: measured in benchmarks/README.md, issue 17); where K-FAC is
+exact block-diagonal inverse saves a fifth, K-FAC's costs more: measured in benchmarks/README.md, issue 17); where K-FAC is
 the block diagonal and the blocks are all there is (a single layer), it is the exact inverse and CG takes one step.
 """
 
