@@ -1,8 +1,8 @@
 """Newton-CG preconditioned by the damped K-FAC inverse: the same steps, the same descent.
 
-Whether it saves iterations depends on how much of the curvature the block diagonal holds (on a small digits MLP the
-exact block-diagonal inverse saves a fifth, K-FAC's costs more: measured in benchmarks/README.md, issue 17); where K-FAC is
-the block diagonal and the blocks are all there is (a single layer), it is the exact inverse and CG takes one step.
+Whether it saves iterations depends on how much of the curvature the block diagonal holds (on a small digits MLP
+the exact block-diagonal inverse saves a fifth, K-FAC's costs more: docs/optimizers.md); where K-FAC is the block
+diagonal and the blocks are all there is (a single layer), it is the exact inverse and CG takes one step.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def test_optimizers_take_a_kfac_preconditioner(optimizer: str) -> None:
         model, loss_fn, batch = _problem()
         K = curvature.KFACOperator(model, loss_fn, batch)
 
-        def ggn(params: list, model: nn.Module = model) -> curvature.GGNOperator:
+        def ggn(params: list, model: nn.Module = model, loss_fn: nn.Module = loss_fn,
+                batch: tuple = batch) -> curvature.GGNOperator:
             return curvature.GGNOperator(model, loss_fn, batch, params=params)
 
         def preconditioner(params: list, shift: float, K: curvature.KFACOperator = K) -> curvature.LinearOperator:
@@ -74,7 +75,7 @@ def test_optimizers_take_a_kfac_preconditioner(optimizer: str) -> None:
         else:
             opt = curvature.optim.RegularizedNewton(model.parameters(), gamma=10.0, curvature=ggn, cg_tol=1e-6,
                                                     **extra)
-        closure = lambda model=model: loss_fn(model(batch[0]), batch[1])  # noqa: E731
+        closure = lambda model=model, loss_fn=loss_fn, batch=batch: loss_fn(model(batch[0]), batch[1])  # noqa: E731
         first = float(closure())
         for _ in range(4):
             opt.step(closure)
