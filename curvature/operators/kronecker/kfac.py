@@ -476,13 +476,17 @@ class KFACOperator(CurvatureOperator):
     def _check_reconstruction(self, rows_in: list[torch.Tensor], g_rows: list[torch.Tensor],
                               leaf_grads: tuple[torch.Tensor | None, ...]) -> None:
         """Refuse a parameter whose gradient is not the sum over its module's rows (used outside the module)."""
+        # Measured against the sum of the terms' magnitudes, so that cancellation (a gradient near zero at a minimum)
+        # is not mistaken for a missing use; the tolerance is the square root of the unit roundoff.
+        tol = math.sqrt(torch.finfo(self.dtype).eps)
         for layer, a, g in zip(self.layers, rows_in, g_rows):
-            rebuilt = summed_gradient(layer, a, g.to(a.dtype) if a.is_floating_point() else g)
+            a = a.to(g.dtype) if a.is_floating_point() else a
+            rebuilt = summed_gradient(layer, a, g)
+            magnitude = float(summed_gradient(layer, a.abs() if a.is_floating_point() else a, g.abs()).max())
             actual = {i: (torch.zeros_like(self._params[i]) if leaf_grads[i] is None else leaf_grads[i]).unsqueeze(0)
                       for i in layer.indices}
             expected = layer.to_matrix(actual)[0].to(rebuilt.dtype)
-            scale = max(float(expected.abs().max()), float(rebuilt.abs().max()))
-            tol = 1e-8 if self.dtype == torch.float64 else 1e-2
+            scale = max(magnitude, float(expected.abs().max()))
             if scale > 0 and float((expected - rebuilt).abs().max()) > tol * scale:
                 names = [self.param_names[i] for i in layer.indices]
                 raise ValueError(
