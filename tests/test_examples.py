@@ -49,6 +49,16 @@ def test_second_order_training_example(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_kfac_digits_example(tmp_path: Path) -> None:
+    stdout = run_example("kfac_digits.py", "--out", str(tmp_path))
+    for name in ("KFAC (lr=0.03)", "SGD (lr=1)", "Adam (lr=0.1)", "HessianFree (GGN, full batch)"):
+        assert name in stdout
+    assert ("check: K-FAC reaches a training loss of 0.01 in fewer steps than SGD and Adam on every seed: True"
+            in stdout)
+    assert (tmp_path / "kfac_digits.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
 def test_flat_minima_example() -> None:
     stdout = run_example("flat_minima.py")
     for name in ("SGD", "SAM (rho=0.05)", "ASAM (rho=0.5)", "grad-norm reg. (gamma=0.5)", "trace penalty (beta=0.01)"):

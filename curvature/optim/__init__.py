@@ -5,12 +5,15 @@ calling ``backward``; the optimizer differentiates it as often as its method nee
 often), never reads or writes ``.grad``, and returns the loss at the start of the step. The update rules
 are also plain functions on an operator and a gradient in :mod:`curvature.optim.functional`. :class:`SAM` and
 :class:`GradientRegularization` wrap a base optimizer (SGD, Adam, ...) instead: they write a modified gradient
-into ``.grad`` and let it step.
+into ``.grad`` and let it step. :class:`KFAC` is a drop-in for SGD: it reads ``.grad`` (or differentiates a closure
+of the same contract) and takes the batch the gradient was computed on, ``step(batch=(inputs, targets))``, for the
+Kronecker factors of its curvature.
 """
 
 from . import functional
 from .gradient_regularization import GradientRegularization
 from .hessian_free import HessianFree, HessianFreeState
+from .kfac import KFAC, KFACState
 from .regularized_newton import RegularizedNewton, RegularizedNewtonState
 from .saddle_free import SaddleFreeNewton, SaddleFreeNewtonState
 from .sam import SAM
@@ -20,6 +23,8 @@ __all__ = [
     "GradientRegularization",
     "HessianFree",
     "HessianFreeState",
+    "KFAC",
+    "KFACState",
     "RegularizedNewton",
     "RegularizedNewtonState",
     "SaddleFreeNewton",

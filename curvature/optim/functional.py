@@ -10,6 +10,9 @@ problem (the optimizers in :mod:`curvature.optim` are thin wrappers that evaluat
   (Martens 2010), warm-started, stopping at negative curvature.
 * :func:`saddle_free_newton_step`: :math:`d = -V\,(|T| + \delta I)^{-1} V^\top g` in the Krylov space of
   :math:`B` and :math:`g` (Dauphin et al. 2014).
+* :func:`natural_gradient_step`: :math:`d = -\nu P g` with a preconditioner :math:`P \approx (F + \lambda I)^{-1}`
+  (K-FAC's damped inverse, Martens & Grosse 2015) and the KL-clipping factor :math:`\nu` (Ba, Grosse & Martens
+  2017).
 * :func:`regularized_newton_step`: :math:`d = -(B + \lambda I)^{-1} g` with the gradient regularization
   :math:`\lambda = \|g\| / \gamma` (Semenov, Jaggi & Doikov 2025), together with the acceptance test
   :func:`regularized_newton_accepts` and the damping rule :func:`levenberg_marquardt_damping`.
@@ -28,12 +31,14 @@ from .._checks import check_count, check_scalar
 from ..linalg import Operand, PrecisionWarning, lanczos, solve
 
 __all__ = [
+    "NaturalGradientStep",
     "NewtonStep",
     "SaddleFreeStep",
     "forcing_tolerance",
     "hessian_free_step",
     "levenberg_marquardt_damping",
     "loss_rounding",
+    "natural_gradient_step",
     "quadratic_model",
     "regularized_newton_accepts",
     "regularized_newton_step",
@@ -84,6 +89,27 @@ class SaddleFreeStep:
     direction: torch.Tensor
     ritz_values: torch.Tensor
     predicted_change: float
+    num_matvecs: int
+
+
+@dataclass(frozen=True)
+class NaturalGradientStep:
+    r"""A preconditioned (natural-gradient) step with KL clipping: :math:`d = -\nu \Delta`, :math:`\Delta = P g`.
+
+    Attributes:
+        direction: :math:`d = -\nu \Delta`, shape ``(P,)``; the parameters move by :math:`\eta d`.
+        natural_gradient: :math:`\Delta = P g`, shape ``(P,)``.
+        scale: :math:`\nu \in (0, 1]` (1 without clipping or when the bound holds already).
+        kl_estimate: :math:`\sum_i \eta_i^2 \Delta_i g_i`, the quadratic estimate :math:`(\eta \Delta)^\top
+            (F + \lambda I) (\eta \Delta)` of the unclipped step (twice its KL divergence, to second order), when
+            :math:`P = (F + \lambda I)^{-1}`; after clipping, :math:`\nu^2` times it is at most ``kl_clip``.
+        num_matvecs: Products with :math:`P` (one).
+    """
+
+    direction: torch.Tensor
+    natural_gradient: torch.Tensor
+    scale: float
+    kl_estimate: float
     num_matvecs: int
 
 
@@ -456,3 +482,71 @@ def loss_rounding(loss: float, dtype: torch.dtype) -> float:
         3.552713678800501e-15
     """
     return 16.0 * torch.finfo(dtype).eps * abs(loss)
+
+
+def natural_gradient_step(
+    preconditioner: Any,
+    grad: torch.Tensor,
+    lr: Any = 1.0,
+    kl_clip: Optional[float] = None,
+) -> NaturalGradientStep:
+    r"""The natural-gradient step of K-FAC, with the KL clipping of Ba, Grosse & Martens (2017).
+
+    .. math::
+        \Delta = P g, \qquad
+        \nu = \min\Big(1, \sqrt{\kappa \big/ \textstyle\sum_i \eta_i^2 \Delta_i g_i}\Big), \qquad
+        d = -\nu \Delta
+
+    and the parameters move by :math:`\eta d`. :math:`P` is the damped inverse of a Fisher-type curvature, e.g.
+    ``KFACOperator(...).inverse(damping)`` (Martens & Grosse 2015, "Optimizing Neural Networks with
+    Kronecker-factored Approximate Curvature", ICML), so that :math:`\sum_i \eta_i^2 \Delta_i g_i =
+    (\eta\Delta)^\top (F + \lambda I)(\eta\Delta)` is the step's quadratic KL estimate; the clipping scales
+    the step so that it is at most :math:`\kappa` (Ba, Grosse & Martens 2017, "Distributed Second-Order
+    Optimization using Kronecker-Factored Approximations", ICLR, Sec. 5). This is the update rule of
+    :class:`curvature.optim.KFAC` before SGD's weight decay and momentum.
+
+    Cost: one product with :math:`P`.
+
+    Args:
+        preconditioner: The symmetric positive definite :math:`P` (anything with ``@``, or a dense tensor).
+        grad: The gradient ``g``, shape ``(P,)``.
+        lr: The step size :math:`\eta > 0`, a float, or a ``(P,)`` tensor of per-entry step sizes (parameter
+            groups with their own); it enters only the clipping.
+        kl_clip: :math:`\kappa > 0`, or None for no clipping.
+
+    Returns:
+        A :class:`NaturalGradientStep`.
+
+    Raises:
+        TypeError, ValueError: On an operator or vector that does not fit, a non-positive ``lr`` or ``kl_clip``,
+            or a natural gradient that is not finite.
+
+    Example:
+        >>> P = torch.diag(torch.tensor([1.0, 0.25], dtype=torch.float64))   # (F + λI)⁻¹ with F + λI = diag(1, 4)
+        >>> g = torch.tensor([2.0, 4.0], dtype=torch.float64)
+        >>> step = natural_gradient_step(P, g, lr=0.5, kl_clip=0.5)        # η² Δᵀg = 0.25 · 8 = 2 > 0.5
+        >>> step.scale, step.direction.tolist()
+        (0.5, [-1.0, -0.5])
+    """
+    operand = Operand(preconditioner, "preconditioner")
+    grad = operand.check_vector(grad, "grad")
+    if isinstance(lr, torch.Tensor):
+        lr = operand.check_vector(lr, "lr")
+        if not bool((lr > 0).all()):
+            raise ValueError("lr must be positive in every entry.")
+        squared = lr.square()
+    else:
+        if not check_scalar(lr, "lr") > 0:
+            raise ValueError(f"lr must be positive, got {lr}.")
+        squared = float(lr) ** 2
+    if kl_clip is not None and not check_scalar(kl_clip, "kl_clip") > 0:
+        raise ValueError(f"kl_clip must be positive or None, got {kl_clip}.")
+    natural = operand @ grad
+    kl_estimate = float((squared * natural * grad).sum())
+    if not math.isfinite(kl_estimate):
+        raise ValueError("the natural gradient is not finite; check the gradient and raise the damping.")
+    scale = 1.0
+    if kl_clip is not None and kl_estimate > kl_clip:
+        scale = math.sqrt(kl_clip / kl_estimate)
+    return NaturalGradientStep(direction=-scale * natural, natural_gradient=natural, scale=scale,
+                               kl_estimate=kl_estimate, num_matvecs=operand.num_matvecs)
