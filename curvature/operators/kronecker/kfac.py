@@ -504,7 +504,7 @@ class KFACOperator(CurvatureOperator):
 
     @property
     def parts(self) -> list[Layer | DiagonalPart]:
-        """The blocks' owners in order: the factored layers, then the exact-diagonal part if any."""
+        """The owners of the blocks, in order (the factored layers, then the exact-diagonal part if any)."""
         return self.layers + ([self.diagonal] if self.diagonal is not None else [])
 
     # -- products ----------------------------------------------------------------------------------------------
