@@ -127,6 +127,7 @@ def projected_squares(layer: Layer, block: KroneckerBlock, a: torch.Tensor, g: t
     if layer.kind == "norm":
         projected = _rotate(per_sample_gradients(layer, a, g), qr, qc, back=False)
         return projected.square().sum(0)
-    ga = g if qr is None else g @ qr  # project the rows first: (Q_R^T g)(Q_C^T a)^T summed over rows
-    aa = a if qc is None else a @ qc
+    # project the rows first, per group: (Q_R^T g)(Q_C^T a)^T summed over rows
+    ga = g if qr is None else torch.einsum("nrgi,gia->nrga", g, qr)
+    aa = a if qc is None else torch.einsum("nrgj,gjb->nrgb", a, qc)
     return torch.einsum("nrgi,nrgj->ngij", ga, aa).square().sum(0)

@@ -440,7 +440,7 @@ class KFACOperator(CurvatureOperator):
             heuristic_damping: Use the π-corrected factored damping.
 
         Returns:
-            A symmetric positive definite operator (a :class:`KFACInverse`).
+            A symmetric positive definite operator (a :class:`~curvature.operators.kronecker.kfac.KFACInverse`).
 
         Raises:
             ValueError: On a negative damping, or a singular damped operator (pass a positive ``damping``).
@@ -520,7 +520,7 @@ class KFACOperator(CurvatureOperator):
 
 
 class KFACInverse(LinearOperator):
-    """The inverse of a damped K-FAC or EK-FAC operator, block by block (see :meth:`KFACOperator.inverse`)."""
+    """The inverse of a damped K-FAC or EK-FAC operator, block by block (see :meth:`curvature.KFACOperator.inverse`)."""
 
     def __init__(self, op: KFACOperator, blocks: list[KroneckerBlock], damping: float, heuristic: bool) -> None:
         super().__init__(op.shape[0], op.dtype, op.device, is_symmetric=True, is_psd=True)
