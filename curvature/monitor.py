@@ -136,7 +136,8 @@ class SharpnessMonitor:
         data: One ``(inputs, targets)`` batch or an iterable of them (a fixed measurement set).
         every: Measure on calls ``1, every + 1, 2 every + 1, ...``.
         metrics: Any of ``"lambda_max"``, ``"lambda_min"``, ``"trace"``.
-        operator: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
+        operator: ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``, ``"kfac"`` or ``"ekfac"``
+            (the K-FAC factors are computed again whenever the parameters have changed).
         tol: The relative error of the eigenvalues, certified by their error bounds. The bound holds for the
             eigenvalue *nearest* the value, not necessarily the largest: when the top two eigenvalues nearly
             cross, as they do at the edge of stability, a loose ``tol`` can stop on the second one. Measured on

@@ -19,7 +19,7 @@ from .linalg.trace import MIN_MATVECS, TRACE_METHODS, Estimate, frobenius_norm, 
 from .monitor import MONITOR_METRICS, MonitorEntry, SharpnessMonitor  # noqa: F401 (their old home)
 from .operators.base import LinearOperator
 from .operators.curvature import CurvatureOperator
-from .operators.registry import OPERATORS, operator_class  # noqa: F401 (OPERATORS: read here by the command)
+from .operators.registry import APPROXIMATE_OPERATORS, OPERATORS, operator_class  # noqa: F401 (OPERATORS: read here by the command)
 from .sampling import resolve_generator
 
 __all__ = ["METRICS", "MONITOR_METRICS", "MonitorEntry", "SharpnessMonitor", "SharpnessReport", "sharpness"]
@@ -32,7 +32,8 @@ class SharpnessReport:
     """The result of :func:`sharpness`.
 
     Attributes:
-        operator: Which curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
+        operator: Which curvature: ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``, or the
+            Kronecker-factored ``"kfac"`` or ``"ekfac"``.
         num_params: The number of parameters ``P`` the curvature is taken over.
         lambda_max: The largest eigenvalue, or None when not asked for.
         top_k: The ``k`` largest eigenvalues (descending, float64), or None.
@@ -189,7 +190,10 @@ def sharpness(
         loss_fn: The loss, e.g. ``nn.CrossEntropyLoss()``.
         data: One ``(inputs, targets)`` batch or an iterable of them (a DataLoader).
         metrics: The metrics to compute.
-        operator: ``"hessian"`` (default), ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
+        operator: ``"hessian"`` (default), ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``, or the
+            Kronecker-factored approximations ``"kfac"`` (:class:`~curvature.KFACOperator`) and ``"ekfac"``
+            (:class:`~curvature.EKFACOperator`), whose options (``fisher_type=``, ``kfac_approx=``, ...) pass
+            through ``operator_kwargs``; their λ_max is the largest eigenvalue of their blocks.
         params: Restrict to some parameters (names or tensors); None takes all trainable ones.
         k: The number of top eigenvalues for ``"top_k"``.
         tol: The relative error of the eigenvalues, certified by their error bounds (:func:`curvature.eigenvalues`).
@@ -253,8 +257,13 @@ def _checked_metrics(metrics: Iterable[str], operator: str, trace_method: str, t
 
 def _build_operator(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: Any, operator: str, params: Any,
                     generator: torch.Generator, operator_kwargs: dict[str, Any]) -> CurvatureOperator:
-    """The operator named ``operator`` from the registry; a Monte-Carlo Fisher samples its labels from ``generator``."""
-    if operator == "fisher" and operator_kwargs.get("mc_samples") is not None:
+    """The operator named ``operator`` from the registry; Monte-Carlo labels are drawn from ``generator``.
+
+    That is the Fisher with ``mc_samples=``, and K-FAC and EK-FAC with ``fisher_type="mc"``.
+    """
+    sampled = (operator == "fisher" and operator_kwargs.get("mc_samples") is not None) or (
+        operator in APPROXIMATE_OPERATORS and operator_kwargs.get("fisher_type") == "mc")
+    if sampled:
         operator_kwargs = {"generator": generator, **operator_kwargs}  # the Monte-Carlo labels too
     return operator_class(operator)(model, loss_fn, data, params=params, **operator_kwargs)
 

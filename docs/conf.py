@@ -60,6 +60,7 @@ PUBLIC_MODULES = [
     "curvature.optim.functional",
     "curvature.regularizers",
     "curvature.pruning",
+    "curvature.pruning.obs",
     "curvature.compat",
     "curvature.compat.pyhessian",
     "curvature.sampling",

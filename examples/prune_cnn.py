@@ -1,4 +1,4 @@
-"""Hessian-aware channel pruning of a small CNN on real data, against Optimal Brain Damage and magnitude pruning.
+"""Hessian-aware channel pruning of a small CNN on real data, against Optimal Brain Damage/Surgeon and magnitude.
 
 A CNN with three 3x3 conv layers (16, 32, 32 channels), global average pooling and a linear classifier is
 trained on scikit-learn's digits (8x8 images; 1347 training, 450 test), then 30%, 50% and 70% of the conv
@@ -8,6 +8,9 @@ out of the scores and stays whole) with scores from ``curvature.pruning.sensitiv
 * HAP: relative Hessian trace of each channel times its squared norm (Yu et al. 2022), traces from 30
   Hutchinson probes of the Hessian on 512 training images;
 * OBD: ½ H_jj w_j² summed over the channel (LeCun et al. 1990), from the same number of probes;
+* OBS-KFAC: Optimal Brain Surgeon with the damped K-FAC of the conv layers on the same images, ½ w_Sᵀ
+  ([B⁻¹]_SS)⁻¹ w_S per channel (Wang et al. 2019's Kronecker-factored OBS), without and with the OBS update of
+  the remaining weights of each layer (``prune(..., compensate=True)``);
 * magnitude: the L1 norm of each filter (Li et al. 2017), ranked globally; the same ranked per layer; and
   the mean |w| of each filter (the L1 norm over the filter size) ranked globally.
 
@@ -67,7 +70,7 @@ def main() -> None:
     seeds = [0] if args.quick else [0, 1, 2]
     loss_fn = nn.CrossEntropyLoss()
     rows: dict[str, dict[float, list[tuple[float, float]]]] = {}
-    base, products, seconds = [], {}, []
+    base, products, seconds, obs_seconds = [], {}, [], []
     start = time.perf_counter()
     for seed in seeds:
         model = make_cnn(seed)
@@ -80,6 +83,9 @@ def main() -> None:
         seconds.append(time.perf_counter() - tick)
         obd = sensitivity(model, loss_fn, hessian_data, "obd", "channel", num_matvecs=30,
                           generator=torch.Generator().manual_seed(seed), layers=CONV)
+        tick = time.perf_counter()
+        obs = sensitivity(model, loss_fn, hessian_data, "obs_kfac", "channel", layers=CONV)
+        obs_seconds.append(time.perf_counter() - tick)
         magnitude = sensitivity(model, loss_fn, hessian_data, "magnitude", "channel", layers=CONV)
         sizes = {name: model.get_submodule(name[: -len(".weight")]).weight[0].numel() for name in magnitude}
         mean_magnitude = {name: score / sizes[name] for name, score in magnitude.items()}
@@ -87,21 +93,24 @@ def main() -> None:
         methods = {
             "HAP (global)": (hap, "global"),
             "OBD (global)": (obd, "global"),
+            "OBS-KFAC (global)": (obs, "global"),
+            "OBS-KFAC + update (global)": (obs, "global", True),
             "magnitude L1 (global)": (magnitude, "global"),
             "magnitude L1 (per layer)": (magnitude, "layer"),
             "magnitude mean|w| (global)": (mean_magnitude, "global"),
         }
-        for name, (scores, scope) in methods.items():
+        for name, (scores, scope, *update) in methods.items():
             for amount in AMOUNTS:
                 pruned = copy.deepcopy(model)
-                prune(pruned, scores, amount, scope=scope)
+                prune(pruned, scores, amount, scope=scope, compensate=bool(update))
                 before = accuracy(pruned, X_test, y_test)
                 train(pruned, X, y, epochs=2, lr=1e-3, seed=100 + seed)
                 rows.setdefault(name, {}).setdefault(amount, []).append((before, accuracy(pruned, X_test, y_test)))
     print(f"digits CNN 16-32-32 conv channels; seeds {seeds}; unpruned test accuracy "
           f"{statistics.mean(base):.3f} (per seed {', '.join(f'{b:.3f}' for b in base)})")
     print(f"Hessian-vector products per sensitivity: HAP {products['HAP']}, OBD {products['OBD']} (on 512 images); "
-          f"HAP took {statistics.mean(seconds):.1f} s")
+          f"HAP took {statistics.mean(seconds):.1f} s, OBS-KFAC (no products: one pass) "
+          f"{statistics.mean(obs_seconds):.1f} s")
     print("\ntest accuracy after pruning the conv channels globally or per layer: no fine-tuning / 2 epochs of "
           "fine-tuning (mean over seeds)")
     header = f"{'method':28s}" + "".join(f"{f'{int(100 * a)}% channels':>22s}" for a in AMOUNTS)

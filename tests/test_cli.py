@@ -254,6 +254,28 @@ def test_user_loader_with_loss_from_module(tmp_path: Path, files: dict[str, Path
     assert run["operator"] == "ggn"
 
 
+@pytest.mark.parametrize("operator", ["kfac", "ekfac"])
+def test_kronecker_factored_operators_are_offered_and_titled(tmp_path: Path, files: dict[str, Path],
+                                                             operator: str) -> None:
+    """``--operator kfac``/``ekfac``: λ_max is the largest eigenvalue of the blocks, and the density plot is drawn
+    under the operator's title."""
+    out = tmp_path / "out"
+    model_file, data_file = f"{files['model']}:make_model", f"{files['data']}:inputs_targets"
+    result = ok(run_cli("report", "--model", model_file, "--data", data_file,
+                        "--checkpoint", str(files["dir"] / "model.pt"), "--dtype", "float64", "--tol", "1e-10",
+                        "--operator", operator, "--metrics", "lambda_max,density", "--density-steps", "20",
+                        "--out", str(out), cwd=tmp_path))
+    assert f"Sharpness report: {operator}" in result.stdout
+    assert (out / "density.png").read_bytes()[:8] == PNG
+    report = json.loads((out / "report.json").read_text())
+    model = runpy.run_path(str(files["model"]))["make_model"]().double().eval()
+    model.load_state_dict(torch.load(files["dir"] / "model.pt", weights_only=True))
+    x, y = runpy.run_path(str(files["data"]))["inputs_targets"]()
+    op = curvature.operators.operator_class(operator)(model, nn.CrossEntropyLoss(), (x.double(), y))
+    assert report["lambda_max"] == pytest.approx(max(float(b.eigenvalues.max()) for b in op.eigh()), rel=1e-8)
+    assert report["run"]["operator"] == operator
+
+
 # Each bad argument: (arguments, a piece of the one-line message). {dir}, {model}, {data} are the files above.
 ERRORS = {
     "model_file_missing": (["--model", "{dir}/nope.py:make_model", "--data", "{data}:inputs_targets"],

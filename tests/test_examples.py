@@ -69,8 +69,8 @@ def test_flat_minima_example() -> None:
 @pytest.mark.slow
 def test_prune_cnn_example() -> None:
     stdout = run_example("prune_cnn.py")
-    for name in ("HAP (global)", "OBD (global)", "magnitude L1 (global)", "magnitude L1 (per layer)",
-                 "magnitude mean|w| (global)"):
+    for name in ("HAP (global)", "OBD (global)", "OBS-KFAC (global)", "OBS-KFAC + update (global)",
+                 "magnitude L1 (global)", "magnitude L1 (per layer)", "magnitude mean|w| (global)"):
         assert name in stdout
     assert "Hessian-vector products per sensitivity: HAP 30, OBD 30" in stdout
 

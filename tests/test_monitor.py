@@ -86,7 +86,7 @@ def test_monitor_argument_errors() -> None:
     with pytest.raises(ValueError, match="tol must be positive"):
         curvature.SharpnessMonitor(model, nn.MSELoss(), (x, y), tol=0.0)
     with pytest.raises(ValueError, match="operator must be"):
-        curvature.SharpnessMonitor(model, nn.MSELoss(), (x, y), operator="banana")
+        curvature.SharpnessMonitor(model, nn.MSELoss(), (x, y), operator="kfac2")
     with pytest.raises(TypeError, match="warm_start must be a bool"):
         curvature.SharpnessMonitor(model, nn.MSELoss(), (x, y), warm_start=1)
 
@@ -141,3 +141,28 @@ def test_monitor_checks_valid_inputs_when_built_and_leaves_the_model_unchanged()
     fresh = float(curvature.eigenvalues(H, tol=1e-10, generator=seeded(5)).values[0])
     assert abs(second["lambda_max"] - fresh) <= monitor.tol * fresh
     assert monitor.total_matvecs == entry["num_matvecs"] + second["num_matvecs"]
+
+
+@pytest.mark.parametrize("operator", ["kfac", "ekfac"])
+def test_monitor_with_kronecker_factors_follows_the_training(operator: str) -> None:
+    """Every entry's λ_max is the largest block eigenvalue of K-FAC (EK-FAC) recomputed at that step's parameters:
+    the factors follow the training, and the trace is the blocks' within its error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    x, y = torch.randn(64, 6, dtype=torch.float64), torch.randint(0, 3, (64,))
+    monitor = curvature.SharpnessMonitor(model, nn.CrossEntropyLoss(), (x, y), metrics=("lambda_max", "trace"),
+                                         operator=operator, every=2, tol=1e-9, generator=seeded(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    seen = []
+    for _ in range(6):
+        entry = monitor.step()
+        if entry is not None:
+            op = curvature.operators.operator_class(operator)(copy.deepcopy(model), nn.CrossEntropyLoss(), (x, y))
+            largest = max(float(block.eigenvalues.max()) for block in op.eigh())
+            assert entry["lambda_max"] == pytest.approx(largest, rel=1e-8)
+            assert abs(entry["trace"] - float(op.trace())) < 5 * entry["trace_std_error"]
+            seen.append(entry["lambda_max"])
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert len(seen) == 3 and len(set(seen)) == 3  # the parameters moved, and the factors with them

@@ -487,3 +487,99 @@ def test_a_closure_that_calls_backward_is_refused_with_parameters_and_state_unch
         optimizer.step(lbfgs_style)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert_same_state(optimizer.state_dict(), state)
+
+
+# -- approximate Hessians: K-FAC and EK-FAC from the factory (Semenov, Jaggi & Doikov 2025) ----------------------
+
+
+KRONECKER = {"kfac": curvature.KFACOperator, "ekfac": curvature.EKFACOperator}
+
+
+@pytest.mark.parametrize("kind", sorted(KRONECKER))
+def test_kronecker_factored_curvature_steps_are_its_damped_inverse(kind: str) -> None:
+    """With cg_tol=1e-13, RegularizedNewton's step is -(K + ‖g‖/γ I)⁻¹ g and HessianFree's direction -(K + λ I)⁻¹ g,
+    with the inverse from the factors' eigendecompositions (``K.inverse``); two groups, one per layer, in reverse
+    model order: the factory builds one operator per group, and the operator's order decides the flat vectors."""
+    case = make_case("mlp_tanh_ce_mean", F64)
+    model, loss_fn, data = case["model"], case["loss_fn"], case["data"]
+    closure = full_data_closure(case)
+    layers = [list(model[2].parameters()), list(model[0].parameters())]
+    built = []
+
+    def factory(params: list[torch.Tensor]) -> curvature.CurvatureOperator:
+        built.append(KRONECKER[kind](model, loss_fn, data, params=params))
+        return built[-1]
+
+    gamma, damping = 2.0, 0.3
+    twin = copy.deepcopy(model)  # the start point, for the operator the steps used
+    start = flat(model).clone()
+    grads = torch.autograd.grad(closure(), layers[0])
+    regularized = RegularizedNewton([{"params": group} for group in layers], gamma=gamma, curvature=factory,
+                                    cg_tol=1e-13)
+    regularized.step(closure)  # groups one after the other: the first group (layer 2) at the start point
+    assert len(built) == 2 and [id(p) for p in built[0].params] == [id(p) for p in layers[0]]
+    last = regularized.state[layers[0][0]]  # λ = ‖g‖/γ of the accepted attempt (γ halves on each rejection)
+    g = torch.cat([grad.reshape(-1) for grad in grads])
+    assert last["regularization"] == pytest.approx(float(g.norm()) / gamma * 2 ** (last["attempts"] - 1), rel=1e-12)
+    K = KRONECKER[kind](twin, loss_fn, data, params=list(twin[2].parameters()))
+    moved = (flat(model) - start)[-K.shape[0]:]  # layer 2 is last in model order
+    assert rel_err(moved, -(K.inverse(last["regularization"]) @ g)) < 1e-9
+
+    twin = copy.deepcopy(model)
+    hessian_free = HessianFree(model.parameters(), damping=damping, curvature=lambda params: KRONECKER[kind](
+        model, loss_fn, data, params=params), cg_tol=1e-13, warm_start=0.0)
+    hessian_free.step(closure)
+    K = KRONECKER[kind](twin, loss_fn, data)
+    g = torch.cat([grad.reshape(-1) for grad in torch.autograd.grad(full_data_closure(case, twin)(), list(K.params))])
+    direction = hessian_free.state[model[0].weight]["direction"]
+    assert rel_err(direction, -(K.inverse(damping) @ g)) < 1e-9
+
+
+def digits_mlp(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The 64-32-10 tanh MLP of the ``curvature`` command, untrained, on the digits' training split (float64)."""
+    from curvature.cli.digits import load_split
+
+    X, _, y, _ = load_split(F64)
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double(), X, y
+
+
+@pytest.mark.parametrize("kind", sorted(KRONECKER))
+def test_regularized_newton_with_kronecker_factors_trains_the_digits_mlp(kind: str) -> None:
+    """Full batch, from the initialization (loss 2.34), 10 steps of RegularizedNewton and of HessianFree (damping 1)
+    on K-FAC or EK-FAC. Calibrated (seeds 0, 1): RN 0.073 / 0.071 (K-FAC), 0.066 / 0.063 (EK-FAC) with 20 attempts
+    in 10 steps (γ stays near 1: the approximate Hessian fails the acceptance test every other time); HF 0.096 /
+    0.112, 0.109 / 0.108. Every step lowers the loss, and the factors are computed once per step: a rejected attempt
+    reinstates those of the step's start instead of a new pass over the data."""
+    passes = [0]
+
+    class Counted(KRONECKER[kind]):  # type: ignore[misc, valid-type]
+        def _statistics(self) -> Any:
+            passes[0] += 1
+            return super()._statistics()
+
+    per_computation = 2 if kind == "ekfac" else 1  # EK-FAC: the factors, then the eigenvalues
+    for optimizer_class, options, limit in ((RegularizedNewton, {}, 0.12), (HessianFree, {"damping": 1.0}, 0.18)):
+        passes[0] = 0
+        losses, attempts = ten_steps_on_the_digits(optimizer_class, options, Counted)
+        assert losses[0] > 2.0 and losses[-1] < limit, (optimizer_class.__name__, losses)
+        assert all(b < a for a, b in zip(losses, losses[1:])), (optimizer_class.__name__, losses)
+        assert passes[0] == 10 * per_computation, (optimizer_class.__name__, passes, attempts)
+        if optimizer_class is RegularizedNewton:
+            assert attempts > 10  # rejected attempts happened, and cost no pass
+
+
+def ten_steps_on_the_digits(optimizer_class: type, options: dict[str, Any], operator: type
+                            ) -> tuple[list[float], int]:
+    """The losses at the start of 10 full-batch steps and after the last, and the solves (RN's attempts) spent."""
+    model, X, y = digits_mlp()
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = optimizer_class(model.parameters(), curvature=lambda params: operator(
+        model, loss_fn, (X, y), params=params), **options)
+    losses, attempts = [], 0
+    for _ in range(10):
+        losses.append(float(optimizer.step(lambda: loss_fn(model(X), y))))
+        attempts += optimizer.state[model[0].weight].get("attempts", 1)
+    with torch.no_grad():
+        losses.append(float(loss_fn(model(X), y)))
+    return losses, attempts

@@ -9,6 +9,7 @@ import torch
 from cases import FACTORIES, make_case
 from helpers import assert_unchanged, reference, seeded, snapshot
 
+import curvature
 from curvature import METRICS, sharpness
 
 
@@ -81,7 +82,7 @@ def test_fisher_options_reach_the_operator() -> None:
     [
         (dict(metrics=("sharpness",)), "metrics must be"),
         (dict(metrics=()), "metrics must be"),
-        (dict(operator="banana"), "operator must be one of"),
+        (dict(operator="kfac2"), "operator must be one of .*'kfac', 'ekfac'"),
         (dict(trace_method="hutch+"), "trace_method must be one of"),
         (dict(num_matvecs=1), "num_matvecs must be at least 2"),
         (dict(tol=0.0), "tol must be positive"),
@@ -92,3 +93,40 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
     case = make_case("mlp_tanh_ce_mean", torch.float64)
     with pytest.raises(ValueError, match=match):
         sharpness(case["model"], case["loss_fn"], case["data"], quiet=True, **kwargs)
+
+
+# -- the Kronecker-factored approximations: their eigenvalues are the blocks' ------------------------------------
+
+
+@pytest.mark.parametrize("operator", ["kfac", "ekfac"])
+@pytest.mark.parametrize("case_name", ["mlp_tanh_ce_mean", "cnn_ce_mean", "loader_uneven_mse_mean"])
+def test_kronecker_factored_report_matches_the_blocks_eigendecomposition(case_name: str, operator: str) -> None:
+    """λ_max and the top 3 are the largest eigenvalues of all the blocks (``.eigh()``), the trace is the blocks'."""
+    case = make_case(case_name, torch.float64)
+    model = case["model"]
+    before = snapshot(model)
+    report = sharpness(model, case["loss_fn"], case["data"], metrics=("lambda_max", "top_k", "trace"),
+                       operator=operator, k=3, tol=1e-10, trace_method="exact", generator=seeded(0), quiet=True)
+    assert_unchanged(model, before)
+    op = curvature.operators.operator_class(operator)(model, case["loss_fn"], case["data"])
+    blocks = torch.cat([block.eigenvalues.reshape(-1) for block in op.eigh()]).sort(descending=True).values
+    assert report.operator == operator and report.num_params == op.shape[0] == blocks.numel()
+    assert report.lambda_max == pytest.approx(float(blocks[0]), rel=1e-10)
+    assert torch.allclose(report.top_k, blocks[:3], rtol=1e-8, atol=0)
+    assert report.trace.value == pytest.approx(float(op.trace()), rel=1e-10)
+    assert report.converged["top_k"]
+
+
+def test_kronecker_factored_options_reach_the_operator_and_the_mc_draws_follow_the_generator() -> None:
+    case = make_case("mlp_tanh_ce_mean", torch.float64)
+
+    def measure(**kwargs: object) -> float:
+        return sharpness(case["model"], case["loss_fn"], case["data"], metrics=("lambda_max",), operator="kfac",
+                         tol=1e-10, quiet=True, **kwargs).lambda_max
+
+    mc = [measure(fisher_type="mc", generator=seeded(seed)) for seed in (0, 0, 1)]
+    assert mc[0] == mc[1] != mc[2]
+    empirical = measure(fisher_type="empirical", generator=seeded(0))
+    K = curvature.KFACOperator(case["model"], case["loss_fn"], case["data"], fisher_type="empirical")
+    assert empirical == pytest.approx(max(float(b.eigenvalues.max()) for b in K.eigh()), rel=1e-10)
+    assert empirical != pytest.approx(measure(generator=seeded(0)), rel=1e-3)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..operators.registry import OPERATORS
+from ..operators.registry import APPROXIMATE_OPERATORS, OPERATORS
 from ..sharpness import METRICS
 from .digits import DEFAULT_EPOCHS
 from .errors import UsageError
@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--metrics", nargs="+", metavar="METRIC", default=list(DEFAULT_METRICS),
                          help=f"comma- or space-separated, from: {', '.join(METRICS)}, or all "
                          f"(default: {','.join(DEFAULT_METRICS)})")
-    measure.add_argument("--operator", choices=tuple(OPERATORS), default="hessian",
-                         help="which curvature (default: hessian)")
+    measure.add_argument("--operator", choices=(*OPERATORS, *APPROXIMATE_OPERATORS), default="hessian",
+                         help="which curvature: an exact one, or the Kronecker-factored kfac or ekfac of the "
+                         "model's Linear, Conv1d/2d, Embedding and normalization layers (default: hessian)")
     measure.add_argument("--top-k", type=_int_at_least(1), default=5, metavar="K",
                          help="eigenvalues for top_k (default 5)")
     measure.add_argument("--tol", type=_positive_float, default=1e-3,

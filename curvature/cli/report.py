@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..operators.registry import OPERATORS
+from ..operators.registry import operator_class
 from ..sharpness import SharpnessReport
 from .digits import BUILTIN_MODEL
 from .errors import UsageError, _describe, _one_line
@@ -100,7 +100,7 @@ def _write(report: SharpnessReport, run: dict[str, Any], out: Path, start_all: f
     written = []
     if report.density is not None:
         try:
-            name = OPERATORS[report.operator].title
+            name = operator_class(report.operator).title
             model = "digits MLP" if run["model"] == BUILTIN_MODEL else Path(str(run["model"]).rpartition(":")[0]).name
             title = f"{name} spectral density, {model} (P = {report.num_params})"
             written.append(report.density.plot(out / "density.png", title=title))

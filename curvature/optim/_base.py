@@ -30,9 +30,10 @@ import torch
 
 from .._checks import check_count, check_scalar, common_dtype_device
 from .._closure import Closure, Point, evaluate, no_grad_step
-from ..operators import CurvatureOperator, LinearOperator
+from ..operators import CurvatureOperator, KFACOperator, LinearOperator
 
-__all__ = ["CurvatureArg", "CurvatureOptimizer", "Point", "StateRecord", "evaluate", "no_grad_step", "try_steps"]
+__all__ = ["CurvatureArg", "CurvatureOptimizer", "Point", "StateRecord", "evaluate", "kept_factors", "no_grad_step",
+           "try_steps"]
 
 CurvatureArg = Union[str, Callable[[list[torch.Tensor]], Any]]
 Record = TypeVar("Record", bound="StateRecord")
@@ -109,6 +110,20 @@ def try_steps(closure: Closure, params: list[torch.Tensor], origin: torch.Tensor
 
 #: A preconditioner factory: ``(params, shift) -> operator`` approximating :math:`(B + \text{shift}\, I)^{-1}`.
 PreconditionerArg = Callable[[list, float], Any]
+
+
+def kept_factors(op: Any) -> Optional[Callable[[], None]]:
+    """For a K-FAC or EK-FAC operator: a function that reinstates its factors at the current parameters.
+
+    Its factors are recomputed whenever the parameters are written, also when a rejected trial point is written
+    back bit for bit (the write is what the operator sees). Called after such a write-back, the function returned
+    hands the operator the factors of this point again (:meth:`~curvature.KFACOperator.load_state_dict`), so a
+    rejected attempt costs no pass over the data. None for other operators.
+    """
+    if not isinstance(op, KFACOperator):
+        return None
+    state = op.state_dict()  # computes the factors here, now (the first product would)
+    return lambda: op.load_state_dict(state)
 
 
 def check_curvature(curvature: Any) -> CurvatureArg:

@@ -51,7 +51,9 @@ class HessianFree(CurvatureOptimizer):
 
     * ``B`` is the Hessian of the closure's loss (``curvature="hessian"``, products through its graph) or
       any operator a factory builds for the group's parameters, e.g. the Gauss-Newton matrix of Martens'
-      paper: ``curvature=lambda params: curvature.GGNOperator(model, loss_fn, (x, y), params=params)``.
+      paper: ``curvature=lambda params: curvature.GGNOperator(model, loss_fn, (x, y), params=params)``, or
+      its Kronecker-factored approximation :class:`~curvature.KFACOperator` (:class:`~curvature.EKFACOperator`),
+      whose factors are computed once per step.
     * CG is warm-started from ``warm_start`` times the previous step (Martens, Section 4.5), stops on the
       relative residual ``cg_tol`` (by default the forcing sequence :math:`\min(\tfrac12, \sqrt{\|g\|})`),
       after ``cg_max_iter`` iterations, or at a direction of negative curvature (an indefinite Hessian); when

@@ -12,7 +12,7 @@ import torch
 from .._checks import check_count
 from .._closure import Closure, evaluate
 from .._flat import flatten
-from ._base import CurvatureArg, CurvatureOptimizer, PreconditionerArg, StateRecord, assign
+from ._base import CurvatureArg, CurvatureOptimizer, PreconditionerArg, StateRecord, assign, kept_factors
 from .functional import loss_rounding, regularized_newton_accepts, regularized_newton_step
 
 __all__ = ["RegularizedNewton", "RegularizedNewtonState"]
@@ -58,7 +58,9 @@ class RegularizedNewton(CurvatureOptimizer):
     epfml/grad-norm-smooth). ``B`` is the Hessian of the closure's loss (``curvature="hessian"``) or an
     approximation built by a factory for the group's parameters: ``lambda params:
     curvature.GGNOperator(model, loss_fn, data, params=params)`` (or ``FisherOperator``,
-    ``EmpiricalFisherOperator``). The system is solved by CG
+    ``EmpiricalFisherOperator``, or the Kronecker-factored :class:`~curvature.KFACOperator` and
+    :class:`~curvature.EKFACOperator`: the approximate Hessians the paper's analysis covers, whose factors are
+    computed once per step, a rejected attempt reinstating them). The system is solved by CG
     (:func:`curvature.optim.functional.regularized_newton_step`), warm-started from the previous attempt;
     when CG meets negative curvature (an indefinite Hessian with too small :math:`\lambda`) the attempt
     counts as rejected without evaluating it.
@@ -134,6 +136,7 @@ class RegularizedNewton(CurvatureOptimizer):
 
     def _group_step(self, group: dict[str, Any], params: list[torch.Tensor], closure: Closure) -> torch.Tensor:
         start, op, params = self._prepare(closure, params)
+        reinstate = kept_factors(op)
         first_loss = start.loss
         state = self._group_state(params)
         lipschitz_form = group["lipschitz"] is not None
@@ -170,6 +173,8 @@ class RegularizedNewton(CurvatureOptimizer):
                 if not accepted:
                     assign(params, origin)
                     stale = self.curvature == "hessian"
+                    if reinstate is not None:  # K-FAC: the factors of this point, not a new pass over the data
+                        reinstate()
             if accepted:
                 gamma, lipschitz = 2.0 * gamma, lipschitz / 4.0
             else:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .._checks import check_scalar
+from .obs import obs_update
 from .sensitivity import PRUNABLE
 
 __all__ = ["SCOPES", "prune"]
@@ -25,6 +26,7 @@ def prune(
     structured: Optional[bool] = None,
     *,
     allow_empty_layers: bool = False,
+    compensate: bool = False,
 ) -> dict[str, torch.Tensor]:
     r"""Mask the lowest-scoring weights, output channels or layers through ``torch.nn.utils.prune``.
 
@@ -44,6 +46,14 @@ def prune(
     ``state_dict`` round-trips, keep pruned weights at zero in the forward pass whatever the optimizer does to
     ``weight_orig`` (their gradient is zero), and ``prune.remove(module, "weight")`` makes them permanent.
 
+    With ``compensate=True`` (scores of an OBS method, :func:`~curvature.pruning.sensitivity` with
+    ``method="obs_kfac"`` or ``"obs_ekfac"``), the weights that remain in each pruned layer take the Optimal Brain
+    Surgeon update :math:`\delta = -B^{-1} E_Q ([B^{-1}]_{QQ})^{-1} w_Q` for the set :math:`Q` of the layer's
+    masked weights, all removed together, with the damped K-FAC inverse the scores carry
+    (:func:`curvature.pruning.obs.obs_update`): the change that keeps the quadratic model of the loss lowest. It
+    is added to ``weight_orig`` (and the bias) at the entries kept; entries masked before stay masked. Pruning
+    whole layers changes no other layer (the curvature is block diagonal).
+
     Args:
         model: The model whose layers the scores name (``"<module>.weight"``).
         scores: Name to scores, from :func:`~curvature.pruning.sensitivity` or any other source.
@@ -51,6 +61,7 @@ def prune(
         scope: ``"global"`` or ``"layer"``.
         structured: None to follow the scores' shapes; True or False to insist on channel or weight scores.
         allow_empty_layers: Let a global ranking mask every weight or channel of a layer.
+        compensate: Move the remaining weights by the OBS update (OBS scores only).
 
     Returns:
         The masks now in place (combined with earlier ones), name to a 0/1 tensor of the weight's shape.
@@ -60,7 +71,8 @@ def prune(
         ValueError: If ``amount`` is outside ``[0, 1)``, ``scope`` is unknown, ``scores`` is empty or names
             something that is not the weight of a ``nn.Linear``/``nn.Conv`` layer of the model or a weight tied
             to another layer, a score has the wrong shape, the scores mix granularities, ``structured``
-            contradicts them, they are not finite, or per-layer scores come with ``scope="layer"``.
+            contradicts them, they are not finite, per-layer scores come with ``scope="layer"``, or
+            ``compensate=True`` comes with scores that are not an OBS method's.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -78,8 +90,57 @@ def prune(
         layers[name] = (module, vector)
         kinds.add(unit)
     kind = _granularity(kinds, scope, structured)
+    blocks = _compensation_blocks(scores, compensate)
     keep = _select(layers, amount, scope, kind, allow_empty_layers)
-    return _apply_masks(layers, keep, kind)
+    before = {} if blocks is None else {name: _effective(module) for name, (module, _) in layers.items()}
+    masks = _apply_masks(layers, keep, kind)
+    for name, (weight, bias) in before.items():
+        _compensate(layers[name][0], blocks[name], weight, bias)
+    return masks
+
+
+def _compensation_blocks(scores: Mapping[str, torch.Tensor], compensate: bool) -> Optional[dict[str, Any]]:
+    """The OBS inverse of every scored layer when ``compensate``, else None.
+
+    Raises:
+        TypeError: If ``compensate`` is not a bool.
+        ValueError: If ``compensate`` and the scores carry no inverse for every layer (not an OBS method's).
+    """
+    if not isinstance(compensate, bool):
+        raise TypeError(f"compensate must be True or False, got {compensate!r}.")
+    if not compensate:
+        return None
+    blocks = getattr(scores, "inverse_blocks", None) or {}
+    missing = [name for name in scores if name not in blocks]
+    if missing:
+        raise ValueError(
+            f"compensate=True needs the scores of sensitivity(method='obs_kfac' or 'obs_ekfac'), which carry each "
+            f"layer's inverse curvature; {missing[:3]} have none (method "
+            f"{getattr(scores, 'method', 'unknown')!r})."
+        )
+    return dict(blocks)
+
+
+def _effective(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Copies of the layer's effective weight and bias (masked by any earlier mask)."""
+    bias = getattr(module, "bias", None)
+    return module.weight.detach().clone(), None if bias is None else bias.detach().clone()
+
+
+@torch.no_grad()
+def _compensate(module: nn.Module, block: Any, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """Add the OBS update of the layer's masked weights to the entries that remain."""
+    weight_mask = module.weight_mask
+    bias_mask = getattr(module, "bias_mask", None)
+    dw, db = obs_update(block, weight, bias if block.bias else None, weight_mask, bias_mask)
+    module.weight_orig.add_(dw * weight_mask)
+    if db is not None:
+        target = getattr(module, "bias_orig", module.bias)
+        target.add_(db if bias_mask is None else db * bias_mask)
+    with torch.enable_grad():  # the masked tensors as torch's prune makes them before each forward pass
+        for kind in ("weight", "bias"):
+            if hasattr(module, f"{kind}_mask"):
+                setattr(module, kind, getattr(module, f"{kind}_orig") * getattr(module, f"{kind}_mask"))
 
 
 def _checked_options(amount: float, scope: str, scores: Any) -> float:

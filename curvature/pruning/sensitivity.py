@@ -1,9 +1,9 @@
-r"""Second-order sensitivities for pruning: Hessian-aware pruning (HAP), Optimal Brain Damage, magnitude."""
+r"""Second-order sensitivities for pruning: Hessian-aware pruning (HAP), Optimal Brain Damage and Surgeon, magnitude."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -15,10 +15,11 @@ from ..linalg.diagonal import per_entry_estimate
 from ..linalg.trace import probe_blocks
 from ..operators import HessianOperator
 from ..sampling import resolve_generator
+from .obs import OBS_METHODS, InverseBlock, inverse_blocks, obs_scores
 
 __all__ = ["GRANULARITIES", "METHODS", "PRUNABLE", "Sensitivity", "prunable_layers", "sensitivity"]
 
-METHODS = ("hap", "obd", "magnitude")
+METHODS = ("hap", "obd", "magnitude", *OBS_METHODS)
 GRANULARITIES = ("weight", "channel", "layer")
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -34,15 +35,18 @@ class Sensitivity(Mapping[str, torch.Tensor]):
 
     Attributes:
         scores: The scores, by weight tensor name (what the mapping reads).
-        method: ``"hap"``, ``"obd"`` or ``"magnitude"``.
+        method: ``"hap"``, ``"obd"``, ``"magnitude"``, ``"obs_kfac"`` or ``"obs_ekfac"``.
         granularity: ``"weight"``, ``"channel"`` or ``"layer"``.
         traces: For HAP, the Hessian trace of every structure (same shapes as the scores); else empty.
         trace_std_error: For HAP, the standard error of each trace from the per-probe block sums (entries of one
             block share each probe, so their errors are correlated; zeros when exact); else empty.
-        std_error: The standard error of each score (zeros when exact; empty for magnitude). For OBD channels
-            and layers the per-entry errors are added in quadrature, which ignores their (positive)
+        std_error: The standard error of each score (zeros when exact; empty for magnitude and OBS). For OBD
+            channels and layers the per-entry errors are added in quadrature, which ignores their (positive)
             correlation and so runs low.
-        num_matvecs: Hessian-vector products spent.
+        num_matvecs: Hessian-vector products spent (0 for OBS: K-FAC's factors take passes over the data, no
+            products).
+        inverse_blocks: For OBS, each layer's damped K-FAC (EK-FAC) inverse by weight name, which
+            :func:`curvature.pruning.prune` uses with ``compensate=True``; else empty.
     """
 
     scores: dict[str, torch.Tensor]
@@ -52,6 +56,7 @@ class Sensitivity(Mapping[str, torch.Tensor]):
     trace_std_error: dict[str, torch.Tensor]
     std_error: dict[str, torch.Tensor]
     num_matvecs: int
+    inverse_blocks: dict[str, InverseBlock] = field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.scores[name]
@@ -131,6 +136,7 @@ def sensitivity(
     generator: Optional[torch.Generator] = None,
     *,
     layers: Optional[Iterable[str]] = None,
+    damping: Optional[float] = None,
     **operator_kwargs: Any,
 ) -> Sensitivity:
     r"""Score every weight, output channel or layer of the prunable layers by how much pruning it costs.
@@ -155,25 +161,44 @@ def sensitivity(
       layers differ in size, so a *global* ranking of L1 norms removes the small filters of early layers
       first; rank per layer (``prune(..., scope="layer")``) or divide by the filter size for a fairer
       global magnitude baseline (``examples/prune_cnn.py`` shows all three).
+    - ``"obs_kfac"``, ``"obs_ekfac"``: Optimal Brain Surgeon (Hassibi & Stork 1993) with the damped
+      Kronecker-factored curvature :math:`B = K + \gamma I` of the candidate layers
+      (:class:`~curvature.KFACOperator`, :class:`~curvature.EKFACOperator`; block diagonal, so OBS is
+      layer-wise), the loss increase once the remaining weights of the layer compensate:
+
+      .. math:: s_S = \tfrac12\, w_S^\top \big([B^{-1}]_{SS}\big)^{-1} w_S, \qquad
+          s_q = \frac{w_q^2}{2\,[B^{-1}]_{qq}} \text{ for one weight},
+
+      read off K-FAC's eigendecomposition without forming an inverse (:mod:`curvature.pruning.obs`; Wang,
+      Zhang, Wang & Grosse 2019, "EigenDamage", ICML; Singh & Alistarh 2020, "WoodFisher", NeurIPS; Frantar &
+      Alistarh 2022, "Optimal Brain Compression", NeurIPS). The scores carry the inverse, so
+      ``prune(..., compensate=True)`` applies the OBS update to the weights that remain.
 
     ``num_matvecs`` Hutchinson probes estimate the Hessian diagonal and block traces; ``num_matvecs=None``
     computes them exactly (``P`` products for the ``P`` parameters of the candidate layers, through
     :func:`curvature.diagonal` with ``method="exact"``; small models). The Hessian is that of the loss over
     ``data`` (a :class:`~curvature.HessianOperator` restricted to the candidate layers' weights and biases;
-    ``operator_kwargs`` reach it), so the model is left exactly as it was.
+    ``operator_kwargs`` reach it), so the model is left exactly as it was. The OBS methods need no products
+    and ignore ``num_matvecs``: K-FAC's statistics take one pass over ``data`` (with a backward pass per output
+    column for ``fisher_type="ggn"``), EK-FAC's two; ``operator_kwargs`` reach the operator (``fisher_type=``,
+    ``kfac_approx=``, ``mc_samples=``, ``reduction=``).
 
     Args:
         model: The model (in eval mode if it has dropout or batch norm).
         loss_fn: ``loss_fn(outputs, targets)``.
         data: One ``(inputs, targets)`` batch or an iterable of them.
-        method: ``"hap"``, ``"obd"`` or ``"magnitude"``.
+        method: ``"hap"``, ``"obd"``, ``"magnitude"``, ``"obs_kfac"`` or ``"obs_ekfac"``.
         granularity: ``"weight"``, ``"channel"`` or ``"layer"``.
         num_matvecs: Hutchinson probes (at least 2), or None for the exact diagonal.
         generator: The source of the probes; None draws from a copy of torch's global generator without
             advancing it.
         layers: The candidate layers by module name; None for every ``nn.Linear`` and ``nn.Conv1d/2d/3d``. Leave
             the classifier out to keep it unpruned.
-        **operator_kwargs: Passed to :class:`~curvature.HessianOperator` (``reduction=``, ``keep_graph=``, ...).
+        damping: For OBS only: :math:`\gamma \ge 0` added to every layer's block, or None (default) for
+            :math:`\gamma_\ell = 0.01 \operatorname{tr}(K_\ell) / P_\ell`, 1% of each block's mean eigenvalue
+            (:data:`curvature.pruning.obs.RELATIVE_DAMPING`).
+        **operator_kwargs: Passed to :class:`~curvature.HessianOperator` (``reduction=``, ``keep_graph=``, ...), or
+            for OBS to the K-FAC operator (``fisher_type=``, ``kfac_approx=``, ...).
 
     Returns:
         A :class:`Sensitivity`: a mapping from ``"<module>.weight"`` to scores, with ``traces``, ``std_error`` and
@@ -181,7 +206,9 @@ def sensitivity(
 
     Raises:
         TypeError: On a bad generator or ``layers``.
-        ValueError: On an unknown method or granularity, ``num_matvecs`` below 2, or no prunable layer.
+        ValueError: On an unknown method or granularity, ``num_matvecs`` below 2, no prunable layer, a
+            ``damping`` with a method other than OBS or a negative one, a singular damped block, or (OBS) a layer
+            K-FAC does not factor (``nn.Conv3d``).
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -199,8 +226,19 @@ def sensitivity(
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     if num_matvecs is not None:
         check_count(num_matvecs, "num_matvecs", minimum=2)
+    if damping is not None and method not in OBS_METHODS:
+        raise ValueError(f"damping applies to the OBS methods {tuple(OBS_METHODS)} only, not to {method!r}.")
     check_generator(generator)
     chosen = prunable_layers(model, layers)
+    if method in OBS_METHODS:
+        blocks = inverse_blocks(model, loss_fn, data, method, chosen, damping, resolve_generator(generator),
+                                operator_kwargs)
+        scores = {}
+        for name, module in chosen.items():
+            block = blocks[f"{name}.weight"]
+            bias = module.bias.detach() if block.bias else None  # the effective (masked) tensors
+            scores[f"{name}.weight"] = obs_scores(block, module.weight.detach(), bias, granularity)
+        return Sensitivity(scores, method, granularity, {}, {}, {}, 0, blocks)
     if method == "magnitude":
         scores = {f"{n}.weight": _magnitude(m, granularity) for n, m in chosen.items()}
         return Sensitivity(scores, method, granularity, {}, {}, {}, 0)
