@@ -454,3 +454,25 @@ def test_unsupported_parameters_get_their_exact_diagonal(kind: str, fisher_type:
     assert rel_err(restored.to_dense(), dense) < 1e-14
     with pytest.raises(ValueError, match="unsupported must be"):
         KFACOperator(model, loss_fn, data, unsupported="ignore")
+
+
+@pytest.mark.parametrize("samples", [5, 4])  # 4: as many samples as positions, caught by running half the batch
+def test_modules_applied_to_shared_inputs_are_refused(samples: int) -> None:
+    """A position embedding called on ``arange(T)`` has no per-sample rows: refused by name, never mis-factored."""
+    torch.manual_seed(0)
+
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens, self.pos, self.head = nn.Embedding(7, 3), nn.Embedding(4, 3), nn.Linear(3, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.tokens(ids) + self.pos(torch.arange(ids.shape[1]))
+            return self.head(torch.tanh(h)).mean(1)
+
+    model = Positions().double()
+    data = (torch.randint(0, 7, (samples, 4)), torch.randint(0, 2, (samples,)))
+    with pytest.raises(ValueError, match="module 'pos' is called on a tensor whose leading dimension"):
+        KFACOperator(model, nn.CrossEntropyLoss(), data).compute()
+    op = KFACOperator(model, nn.CrossEntropyLoss(), data, params=["tokens.weight", "head.weight", "head.bias"])
+    assert op.trace() > 0

@@ -48,7 +48,7 @@ from ..._func import model_outputs
 from ..._tree import map_leaves
 from ..base import LinearOperator
 from ..curvature import CurvatureOperator, require_graph
-from ..data import batch_size
+from ..data import batch_size, split_batch
 from .blocks import BlockEigen, KroneckerBlock
 from .layers import FACTORED_MODULES, DiagonalPart, Layer, factored_layers
 
@@ -330,7 +330,8 @@ class KFACOperator(CurvatureOperator):
 
     # -- one batch ---------------------------------------------------------------------------------------------
     def _context(self, index: int, inputs: Any, targets: Any, leaves: list[torch.Tensor]) -> tuple[Any, float]:
-        self._inputs = inputs  # the exact diagonal's per-sample pass needs them
+        self._inputs = inputs  # the exact diagonal's per-sample pass and the batch-first check need them
+        self._batch_samples = batch_size(inputs)
         try:
             return super()._context(index, inputs, targets, leaves)
         finally:
@@ -349,8 +350,14 @@ class KFACOperator(CurvatureOperator):
         stats.update(self._gradient_statistics(leaves, outputs, targets, index, rows_in, calls))
         return stats
 
-    def _calls(self, records: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
+    def _calls(self, records: dict[int, list[tuple[torch.Tensor, torch.Tensor]]], samples: int | None = None
                ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Every factored module's calls in the batch's forward pass, checked to be batch-first.
+
+        A module applied to something shared by the samples (a position embedding called on ``arange(T)``) has no
+        per-sample rows: its rows would be taken for samples, a silently wrong factor. Each call's leading
+        dimension must be the batch's, and on the first batch it must follow the batch when half of it is run.
+        """
         missing = [layer.name for i, layer in enumerate(self.layers) if i not in records]
         if missing:
             raise ValueError(
@@ -358,7 +365,50 @@ class KFACOperator(CurvatureOperator):
                 "another way, e.g. nn.MultiheadAttention's out_proj, or not at all), so K-FAC cannot factor their "
                 "parameters; exclude them with params=."
             )
+        samples = self._batch_samples if samples is None else samples
+        for i, layer in enumerate(self.layers):
+            for x, out in records[i]:
+                if x.ndim == 0 or x.shape[0] != samples or out.ndim == 0 or out.shape[0] != samples:
+                    self._refuse_shared(layer, x.shape[0] if x.ndim else 0, samples)
+        if self._check_first and samples >= 2:
+            self._check_follows_batch(samples)
         return [records[i] for i in range(len(self.layers))]
+
+    _batch_samples = 0
+
+    def _refuse_shared(self, layer: Layer, leading: int, samples: int) -> None:
+        raise ValueError(
+            f"module {layer.name!r} is called on a tensor whose leading dimension ({leading}) is not the batch's "
+            f"({samples} samples): it is applied to something the samples share (e.g. a position embedding called on "
+            "torch.arange(T)), which has no per-sample rows, so K-FAC cannot factor it. Exclude its parameters with "
+            "params=, or use an exact operator."
+        )
+
+    def _check_follows_batch(self, samples: int) -> None:
+        """Run the first half of the batch: every factored module's leading dimension must be halved too."""
+        half = samples // 2
+        ok, part = split_batch(self._inputs, 0, half, samples)
+        if not ok:
+            return
+        seen: dict[int, int] = {}
+
+        def hook(i: int) -> Callable[..., None]:
+            def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+                seen.setdefault(i, args[0].shape[0] if args[0].ndim else 0)  # returns None: the output is kept
+            return record
+
+        handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)]
+        self._paused = True
+        try:
+            with torch.no_grad():
+                model_outputs(self.model, self._state(), part)
+        finally:
+            self._paused = False
+            for handle in handles:
+                handle.remove()
+        for i, leading in seen.items():
+            if leading != half:
+                self._refuse_shared(self.layers[i], leading, half)
 
     def _input_statistics(self, layer: Layer, a: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The batch's summed input outer products and its row count."""
