@@ -476,3 +476,23 @@ def test_modules_applied_to_shared_inputs_are_refused(samples: int) -> None:
         KFACOperator(model, nn.CrossEntropyLoss(), data).compute()
     op = KFACOperator(model, nn.CrossEntropyLoss(), data, params=["tokens.weight", "head.weight", "head.bias"])
     assert op.trace() > 0
+
+
+@pytest.mark.parametrize("case_name", ["mlp_tanh_ce_mean", "cnn_ce_mean", "layernorm_ce_mean", "embedding_ce_mean"])
+@pytest.mark.parametrize("fisher_type", ["ggn", "mc"])
+def test_ekfac_fit_from_kept_rows_equals_a_second_pass(case_name: str, fisher_type: str) -> None:
+    """A single batch's fit reuses the factors' rows; the result equals the fit's own second pass."""
+    case = make_case(case_name)
+    kw = dict(fisher_type=fisher_type, generator=torch.Generator().manual_seed(0))
+    kept = EKFACOperator(case["model"], case["loss_fn"], case["data"], **kw)
+    second = EKFACOperator(case["model"], case["loss_fn"], case["data"],
+                           **{**kw, "generator": torch.Generator().manual_seed(0)})
+    second.keep_rows_limit = 0  # forces the second pass
+    passes = {id(kept): 0, id(second): 0}
+    for op in (kept, second):
+        def counted(op: EKFACOperator = op, build: object = op._build_contexts) -> object:
+            passes[id(op)] += 1
+            return build()
+        op._build_contexts = counted
+    assert rel_err(kept.to_dense(), second.to_dense()) < 1e-12
+    assert (passes[id(kept)], passes[id(second)]) == (1, 2)

@@ -45,25 +45,45 @@ class EKFACOperator(KFACOperator):
     title = "EK-FAC"
 
     def compute(self) -> None:
-        """Compute the factors, their eigenbases and the fitted eigenvalues (two passes over the data)."""
+        """Compute the factors, their eigenbases and the fitted eigenvalues.
+
+        Two passes over the data: the factors', then the fit's in their eigenbasis. For a single batch the fit reuses
+        the rows of the first pass instead (while they take at most :attr:`keep_rows_limit` bytes).
+        """
         self._sync_with_model()
         key = self._fingerprint()
         if self._blocks is not None and key == self._factors_key:
             return
         self._blocks = None
-        stats = self._statistics()
-        bases = [kfac_block(layer, A, G) for layer, A, G in zip(self.layers, stats["A"], stats["G"])]
-        self._bases = bases
+        # One batch in one process: the rows of the factors' pass are kept (within a memory bound) and fitted
+        # after it, instead of a second forward and backward pass.
+        self._kept = [] if self._data.single and self._shards is None else None
         try:
-            scalings = self._statistics()["S"]
+            stats = self._statistics()
+            bases = [kfac_block(layer, A, G) for layer, A, G in zip(self.layers, stats["A"], stats["G"])]
+            kept, self._kept = self._kept, None
+            if kept is not None:
+                scalings = [sum(scale * projected_squares(layer, basis, rows_in[i], g_rows[i])
+                                for rows_in, g_rows, scale in kept)
+                            for i, (layer, basis) in enumerate(zip(self.layers, bases))]
+                del kept
+            else:
+                self._bases = bases
+                try:
+                    scalings = self._statistics()["S"]
+                finally:
+                    self._bases = None
         finally:
-            self._bases = None
+            self._kept = None
         self._blocks = [KroneckerBlock(b.row, b.col, scaling=s, heuristic=False) for b, s in zip(bases, scalings)]
         if self.diagonal is not None:  # the exact diagonal is its own best scaling
             self._blocks.append(diagonal_block(stats["D"][0]))
         self._factors_key = key
 
     _bases: list[KroneckerBlock] | None = None
+    _kept: list[tuple[list[torch.Tensor], list[torch.Tensor], float]] | None = None
+    #: The most bytes of rows kept from the factors' pass for the fit (beyond it, a second pass over the data).
+    keep_rows_limit = 2**28
 
     def _diagonal_wanted(self) -> bool:
         return self._bases is None
@@ -93,6 +113,13 @@ class EKFACOperator(KFACOperator):
     def _accumulate_extra(self, extra: dict[str, list[Any]], rows_in: list[torch.Tensor],
                           g_rows: list[torch.Tensor], scale: float) -> None:
         if self._bases is None:
+            if self._kept is not None:  # the factors' pass of a single batch: keep its rows for the fit
+                size = sum(t.numel() * t.element_size() for t in g_rows) + sum(
+                    t.numel() * t.element_size() for _, g, _ in self._kept for t in g)
+                if size > self.keep_rows_limit:
+                    self._kept = None  # too large: the fit makes its own pass
+                else:
+                    self._kept.append((rows_in, g_rows, scale))
             return
         for i, (layer, block, a, g) in enumerate(zip(self.layers, self._bases, rows_in, g_rows)):
             extra["S"][i] = extra["S"][i] + scale * projected_squares(layer, block, a, g)
