@@ -7,8 +7,9 @@ projected per-sample gradients,
 .. math:: s_{ij} = c \sum_n \sum_c \big( Q_G^\top \, \textstyle\sum_r g_{ncr} a_{nr}^\top \, Q_A \big)_{ij}^2,
 
 the exact diagonal of the curvature's block in that basis. Among all operators with this eigenbasis it is the
-closest to the block in Frobenius norm, so it is never farther from it than K-FAC. The fit is a second pass over
-the data after the factors: one forward pass and one backward pass per column, plus the projections.
+closest to the block in Frobenius norm, so it is never farther from it than K-FAC. The fit comes after the
+factors: for a single batch from the rows of the factors' pass, else a second pass over the data (one forward pass
+and one backward pass per column), plus the eigendecompositions and the projections.
 """
 
 from __future__ import annotations
