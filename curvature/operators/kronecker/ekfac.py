@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .blocks import KroneckerBlock, _rotate
-from .kfac import KFACInverse, KFACOperator, _rows, diagonal_block, kfac_block, per_sample_gradients
+from .kfac import KFACInverse, KFACOperator, diagonal_block, kfac_block, per_sample_gradients
 from .layers import Layer
 
 __all__ = ["EKFACOperator"]
@@ -45,17 +45,12 @@ class EKFACOperator(KFACOperator):
     name = "ekfac"
     title = "EK-FAC"
 
-    def compute(self) -> None:
-        """Compute the factors, their eigenbases and the fitted eigenvalues.
+    def _compute_blocks(self) -> list[KroneckerBlock]:
+        """The factors, their eigenbases and the fitted eigenvalues.
 
         Two passes over the data: the factors', then the fit's in their eigenbasis. For a single batch the fit reuses
         the rows of the first pass instead (while they take at most :attr:`keep_rows_limit` bytes).
         """
-        self._sync_with_model()
-        key = self._fingerprint()
-        if self._blocks is not None and key == self._factors_key:
-            return
-        self._blocks = None
         # One batch in one process: the rows of the factors' pass are kept (within a memory bound) and fitted
         # after it, instead of a second forward and backward pass.
         self._kept = [] if self._data.single and self._shards is None else None
@@ -76,10 +71,10 @@ class EKFACOperator(KFACOperator):
                     self._bases = None
         finally:
             self._kept = None
-        self._blocks = [KroneckerBlock(b.row, b.col, scaling=s, heuristic=False) for b, s in zip(bases, scalings)]
+        blocks = [KroneckerBlock(b.row, b.col, scaling=s, heuristic=False) for b, s in zip(bases, scalings)]
         if self.diagonal is not None:  # the exact diagonal is its own best scaling
-            self._blocks.append(diagonal_block(stats["D"][0]))
-        self._factors_key = key
+            blocks.append(diagonal_block(stats["D"][0]))
+        return blocks
 
     _bases: list[KroneckerBlock] | None = None
     _kept: list[tuple[list[torch.Tensor], list[torch.Tensor], float]] | None = None
@@ -97,9 +92,7 @@ class EKFACOperator(KFACOperator):
     def _prepare(self, leaves: list[torch.Tensor], outputs: torch.Tensor, targets: Any, index: int) -> Any:
         if self._bases is None:
             return super()._prepare(leaves, outputs, targets, index)
-        calls = self._calls(self._recording)
-        self._recording.clear()
-        rows_in = [_rows([layer.input_rows(x) for x, _ in c]) for layer, c in zip(self.layers, calls)]
+        calls, rows_in = self._batch_rows()
         stats = self._gradient_statistics(leaves, outputs, targets, index, rows_in, calls)
         return {"S": stats["S"]}
 

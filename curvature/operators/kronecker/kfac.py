@@ -218,9 +218,12 @@ class KFACOperator(CurvatureOperator):
         if self._blocks is not None and key == self._factors_key:
             return
         self._blocks = None
-        stats = self._statistics()
-        self._blocks = self._make_blocks(stats)
+        self._blocks = self._compute_blocks()
         self._factors_key = key
+
+    def _compute_blocks(self) -> list[KroneckerBlock]:
+        """The blocks at the current parameters: one pass over the data for the factors' statistics."""
+        return self._make_blocks(self._statistics())
 
     @contextlib.contextmanager
     def _recorded(self) -> Iterator[None]:
@@ -337,11 +340,14 @@ class KFACOperator(CurvatureOperator):
         finally:
             self._inputs = None
 
+    def _batch_rows(self) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], list[torch.Tensor]]:
+        """The batch's recorded calls per layer (checked by :meth:`_calls`, then cleared) and their input rows."""
+        calls = self._calls(self._recording)
+        self._recording.clear()
+        return calls, [_rows([layer.input_rows(x) for x, _ in c]) for layer, c in zip(self.layers, calls)]
+
     def _prepare(self, leaves: list[torch.Tensor], outputs: torch.Tensor, targets: Any, index: int) -> Any:
-        records = self._recording
-        calls = self._calls(records)
-        records.clear()
-        rows_in = [_rows([layer.input_rows(x) for x, _ in c]) for layer, c in zip(self.layers, calls)]
+        calls, rows_in = self._batch_rows()
         stats: dict[str, list[Any]] = {"A": [], "rows": []}
         for layer, a in zip(self.layers, rows_in):
             A, rows = self._input_statistics(layer, a)
@@ -468,8 +474,9 @@ class KFACOperator(CurvatureOperator):
                 parts = [torch.zeros(len(chunk), *s.shape, dtype=s.dtype, device=s.device) if gr is None else gr
                          for gr, (_, s) in zip(grads[start:start + len(c)], c)]
                 start += len(c)
-                g_rows.append(torch.stack([_rows([layer.output_rows(p[j]) for p in parts])
-                                           for j in range(len(chunk))]).to(self._factor_dtype))
+                # the columns ride along the batch dimension: (columns * N, ...) rows, then (columns, N, ...)
+                rows = [layer.output_rows(p.flatten(0, 1)).unflatten(0, (len(chunk), -1)) for p in parts]
+                g_rows.append((rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)).to(self._factor_dtype))
             if checking:
                 leaf_grads = tuple(None if g is None else g[0] for g in grads[len(layer_outputs):])
                 self._check_reconstruction(rows_in, [g[0] for g in g_rows], leaf_grads)
