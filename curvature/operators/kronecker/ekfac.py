@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from .blocks import KroneckerBlock, _rotate
-from .kfac import KFACInverse, KFACOperator, diagonal_block, kfac_block, per_sample_gradients
+from .kfac import KFACInverse, KFACOperator, diagonal_block, kfac_block
 from .layers import Layer
+from .statistics import per_sample_gradients
 
 __all__ = ["EKFACOperator"]
 
