@@ -31,6 +31,8 @@ __all__ = ["FACTORED_MODULES", "DiagonalPart", "Layer", "factored_layers"]
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 _NORM = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: The modules whose channels are dimension 1 (moved last to make rows); the others' features are already last.
+_CHANNELS_FIRST = (*_CONV, *_NORM[1:])
 #: The module types whose parameters K-FAC factors.
 FACTORED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, *_CONV, nn.Embedding, *_NORM)
 
@@ -111,8 +113,8 @@ class Layer:
     def output_rows(self, grad: torch.Tensor) -> torch.Tensor:
         """The rows :math:`g` of the gradient with respect to one call's output: ``(N, R, groups, width)``."""
         m = self.module
-        if isinstance(m, _CONV) or isinstance(m, (nn.GroupNorm, *_NORM[2:])):
-            grad = grad.movedim(1, -1) if grad.ndim > 1 else grad
+        if isinstance(m, _CHANNELS_FIRST) and grad.ndim > 2:
+            grad = grad.movedim(1, -1)
         return grad.reshape(grad.shape[0], -1, self.groups, self.width() // self.groups)
 
     # -- the parameters as the matrices the factors act on --------------------------------------------------------
