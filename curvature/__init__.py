@@ -18,8 +18,10 @@ from .linalg import (
     eigenvalues,
     frobenius_norm,
     lanczos,
+    principal_angles,
     solve,
     spectral_density,
+    subspace_overlap,
     trace,
 )
 from .monitor import SharpnessMonitor
@@ -72,6 +74,7 @@ __all__ = [
     "identity_like",
     "lanczos",
     "optim",
+    "principal_angles",
     "pruning",
     "reference",
     "regularizers",
@@ -79,6 +82,7 @@ __all__ = [
     "sharpness",
     "solve",
     "spectral_density",
+    "subspace_overlap",
     "trace",
     "__version__",
 ]

@@ -13,6 +13,7 @@ from .diagonal import diagonal
 from .eigen import EigenResult, eigenvalues
 from .lanczos import LanczosResult, lanczos
 from .solve import SolveResult, solve
+from .subspace import orthonormal_basis, principal_angles, subspace_overlap
 from .trace import Estimate, frobenius_norm, trace
 
 __all__ = [
@@ -27,7 +28,10 @@ __all__ = [
     "eigenvalues",
     "frobenius_norm",
     "lanczos",
+    "orthonormal_basis",
+    "principal_angles",
     "solve",
     "spectral_density",
+    "subspace_overlap",
     "trace",
 ]
