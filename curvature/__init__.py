@@ -36,7 +36,11 @@ from .operators import (
     KFACOperator,
     LinearOperator,
     NormalizedLoss,
+    PerSample,
+    gradient_norms,
     identity_like,
+    per_sample_diagonals,
+    per_sample_gradients,
 )
 from .sharpness import METRICS, SharpnessReport, sharpness
 
@@ -60,6 +64,7 @@ __all__ = [
     "LanczosResult",
     "LinearOperator",
     "NormalizedLoss",
+    "PerSample",
     "PrecisionWarning",
     "SharpnessMonitor",
     "SharpnessReport",
@@ -70,10 +75,13 @@ __all__ = [
     "eigenvalues",
     "frobenius_norm",
     "ggn_vp",
+    "gradient_norms",
     "hvp",
     "identity_like",
     "lanczos",
     "optim",
+    "per_sample_diagonals",
+    "per_sample_gradients",
     "principal_angles",
     "pruning",
     "reference",

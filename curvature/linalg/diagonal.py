@@ -51,8 +51,13 @@ def diagonal(
       Hutchinson when the spectrum decays fast, much worse when it is flat and the diagonal dominates
       (``1000 I`` plus small off-diagonal noise: relative error 0.17 against Hutchinson's 1.5e-6 at 40
       products), where its low-rank part only adds noise; hence not the default.
-    - ``"exact"``: ``e_jᵀ A e_j`` for every ``j``, ``P`` products (small models, references). XDiag
-      switches to it when ``num_matvecs ≥ P``, as :func:`~curvature.trace` does.
+    - ``"exact"``: for an operator that knows its diagonal from its structure (``op.has_exact_diagonal``: the
+      GGN, Fisher, Monte-Carlo Fisher and empirical Fisher of a closed-form loss), ``op.diagonal()``:
+      :math:`\operatorname{diag}(J^\top S S^\top J) = \sum_n \sum_k (J_n^\top s_{kn})^{\odot 2}`, one vectorized
+      pullback per sample and output column, no products (``num_matvecs=0``; BackPACK's ``DiagGGNExact``). Otherwise
+      ``e_jᵀ A e_j`` for every ``j``, ``P`` products: the Hessian's exact diagonal costs ``P`` Hessian-vector
+      products (small models, references). XDiag switches to it when ``num_matvecs ≥ P``, as
+      :func:`~curvature.trace` does.
 
     The standard error is per entry: the standard deviation of the per-probe estimates over ``√(number of
     estimates)``. For Hutchinson it is the usual sample standard error. XDiag's ``n`` leave-one-out estimates
@@ -87,6 +92,8 @@ def diagonal(
     generator = resolve_generator(generator)
     if method != "exact":
         check_count(num_matvecs, "num_matvecs", minimum=2 if method == "hutchinson" else 4)
+    if method == "exact" and getattr(op, "has_exact_diagonal", False):
+        return _structured(op)
     if method == "exact" or (method == "xdiag" and num_matvecs >= operand.size):
         return _exact(operand)
     if method == "hutchinson":
@@ -124,6 +131,14 @@ def _exact(operand: Operand) -> Estimate:
     value = exact_diagonal(operand).to(operand.dtype)
     operand.check()
     return Estimate(value=value, std_error=torch.zeros_like(value), num_matvecs=operand.num_matvecs)
+
+
+def _structured(op: Any) -> Estimate:
+    """The exact diagonal an operator computes from its structure (``op.diagonal()``), without products."""
+    value = op.diagonal()
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError("the diagonal is not finite: the loss or its derivatives are not finite at these parameters.")
+    return Estimate(value=value, std_error=torch.zeros_like(value), num_matvecs=0)
 
 
 def _xdiag(operand: Operand, m: int, distribution: str, generator: torch.Generator | None) -> Estimate:

@@ -6,6 +6,7 @@ from .ggn import EmpiricalFisherOperator, FisherOperator, GGNOperator
 from .hessian import HessianOperator
 from .kronecker import EKFACOperator, KFACInverse, KFACOperator
 from .losses import NormalizedLoss
+from .per_sample import PerSample, PerSampleChunk, gradient_norms, per_sample_diagonals, per_sample_gradients
 from .registry import APPROXIMATE_OPERATORS, OPERATORS, operator_class
 
 __all__ = [
@@ -22,6 +23,11 @@ __all__ = [
     "LinearOperator",
     "NormalizedLoss",
     "OPERATORS",
+    "PerSample",
+    "PerSampleChunk",
+    "gradient_norms",
     "identity_like",
     "operator_class",
+    "per_sample_diagonals",
+    "per_sample_gradients",
 ]
