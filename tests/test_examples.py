@@ -95,3 +95,14 @@ def test_quick_start_of_the_user_guide_runs() -> None:
     result = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Sharpness report: hessian, P = 227" in result.stdout
+
+
+@pytest.mark.slow
+def test_per_sample_digits_example() -> None:
+    stdout = run_example("per_sample_digits.py")
+    found = re.search(r"flipped images among the 10% largest norms: (\d+) of (\d+)", stdout)
+    assert found and int(found.group(1)) > 0.5 * int(found.group(2))  # 10% by chance; 89% measured
+    difference = re.search(r"against the full gradient: max difference (\S+)", stdout)
+    assert difference and float(difference.group(1)) < 1e-12
+    error = re.search(r"against the dense float64 reference: relative error (\S+)", stdout)
+    assert error and float(error.group(1)) < 1e-10

@@ -67,6 +67,40 @@ def test_exact_scores_and_block_traces_equal_the_dense_hessian(case_name: str, g
                                                                               for layer in prunable_layers(model)))
 
 
+@pytest.mark.parametrize("case_name", ["mlp_tanh_ce_mean", "cnn_ce_mean", "mlp_relu_mse_sum"])
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_obd_and_hap_with_the_exact_ggn_diagonal(case_name: str, granularity: str) -> None:
+    """diagonal="exact": LeCun et al.'s Gauss-Newton diagonal, from the structure, against the dense float64 GGN."""
+    G = reference("ggn", case_name)
+    case = make_case(case_name, F64)
+    model = case["model"]
+    before = snapshot(model)
+    diag = torch.diagonal(G)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+    obd = sensitivity(model, case["loss_fn"], case["data"], "obd", granularity, diagonal="exact")
+    hap = sensitivity(model, case["loss_fn"], case["data"], "hap", granularity, diagonal="exact")
+    assert_unchanged(model, before)
+    assert obd.num_matvecs == 0 and hap.num_matvecs == 0
+    for name, structures in dense_structures(case_name, granularity).items():
+        saliency = torch.stack([(0.5 * diag[idx] * flat[idx].pow(2)).sum() for idx in structures])
+        traces = torch.stack([diag[idx].sum() for idx in structures])
+        assert rel_err(obd[name].reshape(-1), saliency) < 1e-10
+        assert rel_err(hap.traces[name].reshape(-1), traces) < 1e-10
+        assert bool((obd.std_error[name] == 0).all())
+
+
+def test_exact_diagonal_errors() -> None:
+    case = make_case("mlp_tanh_ce_mean", F64)
+    args = (case["model"], case["loss_fn"], case["data"])
+    with pytest.raises(ValueError, match="diagonal must be"):
+        sensitivity(*args, "obd", "channel", diagonal="ggn")
+    with pytest.raises(ValueError, match="obd"):
+        sensitivity(*args, "magnitude", "channel", diagonal="exact")
+    generic = make_case("generic_loss_mean", F64)
+    with pytest.raises(ValueError, match="closed-form"):
+        sensitivity(generic["model"], generic["loss_fn"], generic["data"], "obd", "weight", diagonal="exact")
+
+
 @pytest.mark.parametrize("case_name", ["mlp_tanh_ce_mean", "cnn_ce_mean"])
 def test_hutchinson_block_traces_lie_within_their_reported_error(case_name: str) -> None:
     case = make_case(case_name, F64)

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from .._checks import check_count, check_generator
-from ..linalg import Operand, diagonal
+from ..linalg import Operand
+from ..linalg import diagonal as exact_diagonal
 from ..linalg.diagonal import per_entry_estimate
 from ..linalg.trace import probe_blocks
-from ..operators import HessianOperator
+from ..operators import GGNOperator, HessianOperator
 from ..sampling import resolve_generator
 from .obs import OBS_METHODS, InverseBlock, inverse_blocks, obs_scores
 
@@ -137,6 +138,7 @@ def sensitivity(
     *,
     layers: Optional[Iterable[str]] = None,
     damping: Optional[float] = None,
+    diagonal: str = "hessian",
     **operator_kwargs: Any,
 ) -> Sensitivity:
     r"""Score every weight, output channel or layer of the prunable layers by how much pruning it costs.
@@ -194,6 +196,13 @@ def sensitivity(
             advancing it.
         layers: The candidate layers by module name; None for every ``nn.Linear`` and ``nn.Conv1d/2d/3d``. Leave
             the classifier out to keep it unpruned.
+        diagonal: For ``"obd"`` and ``"hap"``: ``"hessian"`` (default) for the Hessian's diagonal and block traces
+            (Hutchinson with ``num_matvecs`` probes, or exact with ``None``), or ``"exact"`` for the exact
+            diagonal of the generalized Gauss-Newton matrix from its structure
+            (:meth:`curvature.GGNOperator.diagonal`: one vectorized pullback per sample and output column, no
+            products, no noise; ``num_matvecs`` is ignored). The latter is LeCun et al.'s own choice: OBD
+            drops the second derivatives of the activations (their "Levenberg-Marquardt approximation"), which
+            is the GGN's diagonal; it needs a loss with a closed-form output Hessian (MSE, cross-entropy, BCE).
         damping: For OBS only: :math:`\gamma \ge 0` added to every layer's block, or None (default) for
             :math:`\gamma_\ell = 0.01 \operatorname{tr}(K_\ell) / P_\ell`, 1% of each block's mean eigenvalue
             (:data:`curvature.pruning.obs.RELATIVE_DAMPING`).
@@ -226,6 +235,10 @@ def sensitivity(
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     if num_matvecs is not None:
         check_count(num_matvecs, "num_matvecs", minimum=2)
+    if diagonal not in ("hessian", "exact"):
+        raise ValueError(f"diagonal must be 'hessian' or 'exact' (the GGN's exact diagonal), got {diagonal!r}.")
+    if diagonal == "exact" and method not in ("obd", "hap"):
+        raise ValueError(f"diagonal='exact' applies to method='obd' and 'hap' only, not to {method!r}.")
     if damping is not None and method not in OBS_METHODS:
         raise ValueError(f"damping applies to the OBS methods {tuple(OBS_METHODS)} only, not to {method!r}.")
     check_generator(generator)
@@ -251,7 +264,11 @@ def sensitivity(
             key = f"{name}.{kind}_orig" if hasattr(module, f"{kind}_orig") else f"{name}.{kind}"
             if key in named and named[key].requires_grad:
                 owner_of[key] = (name, kind)
-    H = HessianOperator(model, loss_fn, data, params=list(owner_of), **operator_kwargs)
+    H = (GGNOperator if diagonal == "exact" else HessianOperator)(model, loss_fn, data, params=list(owner_of),
+                                                                   **operator_kwargs)
+    if diagonal == "exact" and not H.has_exact_diagonal:
+        raise ValueError(f"diagonal='exact' needs a loss with a closed-form output Hessian (MSE, cross-entropy, "
+                         f"BCE with logits), got {type(loss_fn).__name__}; use diagonal='hessian'.")
     # The operator lays out its vectors in model.parameters() order; locate every layer's weight and bias there.
     offsets, start = {}, 0
     for key in H.param_names:
@@ -260,8 +277,8 @@ def sensitivity(
         offsets[(layer, kind)] = (start, value)
         start += value.numel()
     segments = _segments(offsets, chosen, granularity)
-    if num_matvecs is None:
-        diag = diagonal(H, method="exact").value
+    if num_matvecs is None or diagonal == "exact":
+        diag = H.diagonal() if diagonal == "exact" else exact_diagonal(H, method="exact").value
         block = torch.stack([diag[idx].sum() for _, idx in segments]) if segments else diag.new_zeros(0)
         diag_se, block_se = torch.zeros_like(diag), torch.zeros_like(block)
     else:
