@@ -111,9 +111,9 @@ def main() -> None:
     # 4. OBD with the exact GGN diagonal against the Hutchinson Hessian diagonal
     print("\n4. Optimal Brain Damage, 50% of the hidden layer's weights pruned (test accuracy)")
     print(f"   unpruned: {accuracy(model, x_test, y_test):.3f}")
+    hutchinson = {"num_matvecs": 20, "generator": torch.Generator().manual_seed(0)}
     for label, kwargs in (("exact GGN diagonal (no products)", {"diagonal": "exact"}),
-                          ("Hessian diagonal, Hutchinson 20 products", {"num_matvecs": 20,
-                                                                         "generator": torch.Generator().manual_seed(0)})):
+                          ("Hessian diagonal, Hutchinson 20 products", hutchinson)):
         pruned = copy.deepcopy(model)
         start = time.perf_counter()
         scores = sensitivity(pruned, loss_fn, data, "obd", "weight", layers=["0"], **kwargs)

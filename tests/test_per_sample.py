@@ -9,8 +9,8 @@ references over the registry.
 from __future__ import annotations
 
 import copy
-import math
 import functools
+import math
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -275,4 +275,5 @@ def test_transformer_sequences() -> None:
     rows = curvature.per_sample_gradients(model, loss_fn, data, chunk_size=2).stack()
     for n in range(x.shape[0]):
         g = torch.autograd.grad(total(model(x[n:n + 1]), y[n:n + 1]), list(model.parameters()))
-        assert torch.allclose(rows[n], torch.cat([t.reshape(-1) for t in g]), rtol=0, atol=1e-10 * float(rows.abs().max()))
+        expected = torch.cat([t.reshape(-1) for t in g])
+        assert torch.allclose(rows[n], expected, rtol=0, atol=1e-10 * float(rows.abs().max()))

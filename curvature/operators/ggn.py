@@ -58,12 +58,12 @@ class _JacobianSandwich(CurvatureOperator):
             )
 
     def diagonal(self, chunk_size: int | None = None) -> torch.Tensor:
-        r"""The exact diagonal, from the structure :math:`\operatorname{diag}(J^\top S S^\top J) = \sum_k
-        (J^\top s_k)^{\odot 2}` summed per sample (:func:`~curvature.operators.per_sample.per_sample_diagonals`).
+        r"""The exact diagonal, from the structure of the matrix instead of ``P`` products.
 
-        One vectorized pullback per sample and output column instead of ``P`` products (BackPACK's
-        ``DiagGGNExact``/``DiagGGNMC``). :func:`curvature.diagonal` with ``method="exact"`` calls it. In a process
-        group the ranks' sums are all-reduced once.
+        :math:`\operatorname{diag}(J^\top S S^\top J) = \sum_k (J^\top s_k)^{\odot 2}`, summed per sample
+        (:func:`~curvature.per_sample_diagonals`): one vectorized pullback per sample and output column instead of
+        ``P`` products (BackPACK's ``DiagGGNExact``/``DiagGGNMC``). :func:`curvature.diagonal` with ``method="exact"``
+        calls it. In a process group the ranks' sums are all-reduced once.
 
         Args:
             chunk_size: Samples per vectorized chunk (None: about 256 MiB of pullbacks).
@@ -80,8 +80,11 @@ class _JacobianSandwich(CurvatureOperator):
     @abstractmethod
     def _sample_columns(self, outputs: torch.Tensor, targets: Any, index: int
                         ) -> tuple[torch.Tensor, tuple[int, ...] | None, float]:
-        """The output matrix's columns ``(k, *z.shape)`` (``Lambda = scale * sum_k c_k c_k^T`` per unit), the loss's
-        unit dimensions (None: the columns are per sample already) and the scale."""
+        """The output matrix's columns, the loss's unit dimensions and the scale.
+
+        The columns are ``(k, *z.shape)`` with ``Lambda = scale * sum_k c_k c_k^T`` per unit; unit dimensions None
+        mean that the columns are per sample already.
+        """
 
     def _output(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         """The differentiable output ``z`` whose Jacobian ``J`` sandwiches ``Lambda`` (default: the outputs)."""
@@ -303,7 +306,7 @@ class EmpiricalFisherOperator(_JacobianSandwich):
 
     @property
     def has_exact_diagonal(self) -> bool:
-        """Always True: the empirical Fisher's diagonal is the mean square of the per-sample gradients."""
+        """Whether the diagonal comes from the structure, which for the empirical Fisher holds with every loss."""
         return True
 
     def _sample_columns(self, outputs: torch.Tensor, targets: Any, index: int

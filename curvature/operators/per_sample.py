@@ -9,15 +9,15 @@ column :math:`c_{k}` in output space and the Jacobian :math:`J_n = \partial z_n 
 computed for a chunk of samples at once with ``torch.func`` (``vmap`` over the samples of ``vjp`` of the model on one
 sample, and ``vmap`` over the columns of its pullback), or sample by sample where the model cannot be batched that
 way. Never more than a chunk of ``(samples, columns, P)`` is in memory; the result is streamed as
-:class:`PerSampleChunk` ``(indices, values)`` pieces, or reduced on the fly.
+:class:`~curvature.operators.PerSampleChunk` ``(indices, values)`` pieces, or reduced on the fly.
 
-- **Gradients** (:func:`per_sample_gradients`): one column, :math:`c_n = w_b \nabla_{z_n} L_b`, the output gradient
-  of the batch loss times the batch's weight. For ``reduction="mean"`` with :math:`L_b = \frac{1}{w_b} \sum_u
-  \ell_u` (``w_b`` the count the loss divides by: samples, or non-ignored targets), this is the gradient of the
-  sample's **summed** loss :math:`\ell_n = \sum_{u \in n} \ell_u`, and the gradient of the mean loss over all the
-  data is exactly :math:`\nabla L = \frac{1}{W} \sum_n \nabla \ell_n` with :math:`W = \sum_b w_b`
-  (:attr:`PerSample.normalizer`), whatever the batching and padding. For ``"sum"``, :math:`W = 1`.
-- **Diagonals** (:func:`per_sample_diagonals`): the columns of the operator's output matrix
+- **Gradients** (:func:`~curvature.per_sample_gradients`): one column, :math:`c_n = w_b \nabla_{z_n} L_b`, the
+  output gradient of the batch loss times the batch's weight. For ``reduction="mean"`` with :math:`L_b = \frac{1}{w_b}
+  \sum_u \ell_u` (``w_b`` the count the loss divides by: samples, or non-ignored targets), this is the gradient of the
+  sample's **summed** loss :math:`\ell_n = \sum_{u \in n} \ell_u`, and the gradient of the mean loss over all the data
+  is exactly :math:`\nabla L = \frac{1}{W} \sum_n \nabla \ell_n` with :math:`W = \sum_b w_b`
+  (``PerSample.normalizer``), whatever the batching and padding. For ``"sum"``, :math:`W = 1`.
+- **Diagonals** (:func:`~curvature.per_sample_diagonals`): the columns of the operator's output matrix
   :math:`\Lambda_b = \sum_k c_k c_k^\top` (the loss's closed-form square root for the GGN and exact Fisher, the
   drawn targets' gradients for the Monte-Carlo Fisher, the per-sample loss gradients for the empirical Fisher), one
   column per output unit (class dimension at each position) so that no cross-position term enters, and
@@ -67,13 +67,13 @@ Columns = Callable[[torch.Tensor, Any, int], tuple[torch.Tensor, "tuple[int, ...
 
 
 class PerSample:
-    r"""A stream of per-sample rows over the data: iterate for :class:`PerSampleChunk` pieces, or reduce it.
+    r"""A stream of per-sample rows: iterate for :class:`~curvature.operators.PerSampleChunk` pieces, or reduce it.
 
-    Built by :func:`per_sample_gradients` and :func:`per_sample_diagonals`. Each pass over it reads the data again
-    (the model is left as it was); rows are computed in chunks of ``chunk_size`` samples and never held together
-    unless asked (:meth:`stack`). After a full pass, :attr:`normalizer` is :math:`W` of the module docstring (the
-    mean loss's total count, 1 for a sum) and :attr:`num_samples` the samples seen; the whole-data quantity is
-    ``sum / normalizer`` (:meth:`mean`).
+    Built by :func:`~curvature.per_sample_gradients` and :func:`~curvature.per_sample_diagonals`. Each pass over it
+    reads the data again (the model is left as it was); rows are computed in chunks of ``chunk_size`` samples and
+    never held together unless asked (:meth:`~curvature.PerSample.stack`). After a full pass, ``normalizer`` is
+    :math:`W` of the module docstring (the mean loss's total count, 1 for a sum) and ``num_samples`` the samples
+    seen; the whole-data quantity is ``sum / normalizer`` (:meth:`~curvature.PerSample.mean`).
 
     Attributes:
         param_names: The parameters the columns of the rows belong to, in order.
@@ -186,14 +186,14 @@ class PerSample:
         return self.map(lambda v: torch.linalg.vector_norm(v, dim=1))
 
     def sum(self) -> torch.Tensor:
-        """:math:`\\sum_n` of the rows, ``(P,)``, accumulated in float64 where the rows are float32 or lower."""
+        r""":math:`\sum_n` of the rows, ``(P,)``, accumulated in float64 where the rows are float32 or lower."""
         total = torch.zeros(self._op.shape[0], dtype=_accumulation_dtype(self._op.dtype), device=self._op.device)
         for chunk in self:
             total += chunk.values.to(total.dtype).sum(0)
         return total.to(self._op.dtype)
 
     def mean(self) -> torch.Tensor:
-        """The whole-data quantity :math:`\\frac1W \\sum_n` of the rows: the gradient of the loss, or the diagonal."""
+        r"""The whole-data quantity :math:`\frac1W \sum_n` of the rows: the gradient of the loss, or the diagonal."""
         total = self.sum()
         return total / self.normalizer
 
@@ -216,7 +216,8 @@ def per_sample_gradients(
     For ``reduction="mean"``, :math:`L = \frac1W \sum_n \ell_n` with :math:`W` the count the loss divides by over the
     whole data (samples, or non-ignored targets for ``CrossEntropyLoss(ignore_index=...)`` and
     :class:`~curvature.NormalizedLoss` counts), so :math:`\nabla L = \frac1W \sum_n \nabla\ell_n` exactly, with
-    :math:`W` read off the stream after a pass (:attr:`PerSample.normalizer`; :meth:`PerSample.mean` divides by it).
+    :math:`W` read off the stream after a pass (``PerSample.normalizer``; :meth:`~curvature.PerSample.mean` divides
+    by it).
     A per-sample gradient is thus independent of the batch it came in and of padding elsewhere; the gradient of
     sample ``n``'s loss as ``loss_fn`` alone would average it is :math:`\nabla\ell_n / w_n` with :math:`w_n` that
     sample's count.
@@ -235,8 +236,8 @@ def per_sample_gradients(
             checks the model, loss and data go through first.
 
     Returns:
-        A :class:`PerSample` stream of ``(indices, gradients)`` chunks, with ``norms()``, ``sum()``, ``mean()``,
-        ``map(fn)`` and ``stack()``.
+        A :class:`~curvature.PerSample` stream of ``(indices, gradients)`` chunks, with ``norms()``, ``sum()``,
+        ``mean()``, ``map(fn)`` and ``stack()``.
 
     Raises:
         ValueError, TypeError: What the operators refuse (data, ``params``, a model in a random mode, a loss that
@@ -269,12 +270,17 @@ def gradient_norms(
     r"""The norm of each sample's gradient, ``(N,)``: GraNd scores (Paul, Ganguli & Dziugaite 2021).
 
     :math:`\chi_n = \|\nabla_\theta \ell_n\|_2` with :math:`\ell_n` the sample's summed loss, as in
-    :func:`per_sample_gradients` (never more than a chunk of gradients in memory). Paul et al. ("Deep Learning on
-    a Data Diet: Finding Important Examples Early in Training", NeurIPS 2021, arXiv:2107.07075) average it over a
-    few initializations early in training and keep the samples with the largest scores; call this at each.
+    :func:`~curvature.per_sample_gradients` (never more than a chunk of gradients in memory). Paul et al. ("Deep
+    Learning on a Data Diet: Finding Important Examples Early in Training", NeurIPS 2021, arXiv:2107.07075) average it
+    over a few initializations early in training and keep the samples with the largest scores; call this at each.
 
     Args:
-        model, loss_fn, data, params, chunk_size, **operator_kwargs: As for :func:`per_sample_gradients`.
+        model: The model.
+        loss_fn: ``loss_fn(outputs, targets)``.
+        data: One batch or an iterable of batches.
+        params: None or the parameters or names to differentiate.
+        chunk_size: Samples per chunk (None: automatic).
+        **operator_kwargs: As for :func:`~curvature.per_sample_gradients`.
 
     Returns:
         ``(N,)`` norms in the parameters' dtype, in the data's order.
@@ -291,7 +297,8 @@ def per_sample_diagonals(op: CurvatureOperator, chunk_size: int | None = None) -
     r"""Each sample's share of the diagonal of a GGN, Fisher (exact or Monte-Carlo) or empirical Fisher operator.
 
     :math:`d_n = w_b \sum_k (J_n^\top c_{kn})^{\odot 2}` with the columns :math:`c_k` of the operator's output
-    matrix (module docstring), so that ``op``'s diagonal is :math:`\frac1W \sum_n d_n` (:meth:`PerSample.mean`):
+    matrix (module docstring), so that ``op``'s diagonal is :math:`\frac1W \sum_n d_n`
+    (:meth:`~curvature.PerSample.mean`):
     for the GGN and Fisher of a mean loss, :math:`d_n` is the diagonal of the sample's summed loss's GGN
     :math:`J_n^\top \nabla^2_{z_n} \ell_n J_n`; for the empirical Fisher, :math:`(\nabla \ell_n)^{\odot 2}` of its
     per-sample loss. A Monte-Carlo Fisher uses the operator's own draws, so the result is the diagonal of that very
@@ -305,7 +312,7 @@ def per_sample_diagonals(op: CurvatureOperator, chunk_size: int | None = None) -
         chunk_size: Samples per chunk; None picks it so that a chunk's pullbacks take about 256 MiB.
 
     Returns:
-        A :class:`PerSample` stream of ``(indices, diagonals)`` chunks.
+        A :class:`~curvature.PerSample` stream of ``(indices, diagonals)`` chunks.
 
     Raises:
         TypeError: For another operator, or a loss without a closed-form square root of its output Hessian.
@@ -321,7 +328,7 @@ def per_sample_diagonals(op: CurvatureOperator, chunk_size: int | None = None) -
 
 
 def exact_diagonal(op: CurvatureOperator, chunk_size: int | None = None) -> torch.Tensor:
-    """The diagonal of ``op`` from :func:`per_sample_diagonals`, summed over the samples (and the ranks of a group)."""
+    """The diagonal of ``op`` from :func:`~curvature.per_sample_diagonals`: summed over the samples (and ranks)."""
     stream = per_sample_diagonals(op, chunk_size)
     total: torch.Tensor | None = None
     error: Exception | None = None
