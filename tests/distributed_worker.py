@@ -91,6 +91,9 @@ def results(case: dict[str, Any], data: Any, **kwargs: Any) -> dict[str, torch.T
     P = H.shape[0]
     V = torch.randn(P, 3, generator=generator(1), dtype=H.dtype)
     out = {"H@V": H @ V, "H@v": H @ V[:, 0], "G@V": G @ V}
+    if G.has_exact_diagonal:  # the structured diagonals: one all-reduce of the ranks' sums
+        out["diag G"] = G.diagonal()
+    out["diag E"] = curvature.EmpiricalFisherOperator(model, loss_fn, data, **kwargs).diagonal()
     if case["likelihood"]:
         out["F@V"] = curvature.FisherOperator(model, loss_fn, data, **kwargs) @ V
     if name_of(case) != "tied_dict_inputs_ce_sum":  # K-FAC and EK-FAC: the factors' statistics all-reduced

@@ -165,6 +165,13 @@ def test_chunks_and_fallback_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     looped = curvature.per_sample_gradients(case["model"], case["loss_fn"], case["data"], chunk_size=5)
     looped._vmap_failed = True  # the sample-by-sample path vmap falls back to
     assert torch.allclose(looped.stack(), one, rtol=1e-12, atol=1e-14)
+    # params= selects columns: the same rows restricted to the chosen parameters
+    names = [n for n, p in case["model"].named_parameters() if p.requires_grad]
+    sizes = [p.numel() for p in case["model"].parameters() if p.requires_grad]
+    chosen = [names[0], names[-1]]
+    part = curvature.per_sample_gradients(case["model"], case["loss_fn"], case["data"], chosen).stack()
+    columns = torch.split(one, sizes, dim=1)
+    assert torch.allclose(part, torch.cat([columns[0], columns[-1]], dim=1), rtol=1e-12, atol=1e-14)
 
 
 def test_model_with_data_dependent_control_flow_falls_back_to_the_loop() -> None:

@@ -94,6 +94,7 @@ class PerSample:
         self.param_names = list(op.param_names)
         self.normalizer: float | None = None
         self.num_samples: int | None = None
+        self.batches = 0
         self._vmap_failed = False
 
     def __repr__(self) -> str:
@@ -115,7 +116,9 @@ class PerSample:
                 start += n
                 batches += 1
         op._data.count_pass(batches)
-        op._check_totals(weight_sum, batches, "")
+        self.batches = batches
+        if op._shards is None:  # in a process group an empty shard is fine: the ranks' totals are checked together
+            op._check_totals(weight_sum, batches, "")
         self.normalizer = weight_sum if op.reduction == "mean" else 1.0
         self.num_samples = start
 
@@ -165,15 +168,14 @@ class PerSample:
             return torch.cat([g.reshape(c.shape[0], -1) for g in grads], dim=1)
 
         if not self._vmap_failed:
-            dims = map_leaves(lambda t: 0 if _batched_leaf(t, end - begin) else None, part)
+            dims = map_leaves(lambda t: 0 if _batched_leaf(t, n) else None, inputs)  # shared tensors stay whole
             try:
                 return torch.func.vmap(lambda x, c: pull_one(map_leaves(_add_batch_dim, x), c),
                                        in_dims=(dims, 1))(part, cols)
             except (RuntimeError, ValueError, TypeError, NotImplementedError):  # a model vmap cannot batch
                 self._vmap_failed = True
-        rows = []
-        for m in range(end - begin):
-            rows.append(_loop_pullback(op, state, names, _sample_slice(part, end - begin, m, m + 1), cols[:, m:m + 1]))
+        rows = [_loop_pullback(op, state, names, _sample_slice(inputs, n, m, m + 1), cols[:, m - begin:m - begin + 1])
+                for m in range(begin, end)]
         return torch.stack(rows)
 
     # -- reductions -----------------------------------------------------------------------------------------
@@ -342,16 +344,19 @@ def exact_diagonal(op: CurvatureOperator, chunk_size: int | None = None) -> torc
         return (total / stream.normalizer).to(op.dtype)
     dtype = _accumulation_dtype(op.dtype)
     ok = error is None and total is not None
-    weight = stream.normalizer if ok and op.reduction == "mean" else (1.0 if ok else 0.0)
-    packed = torch.cat([total if ok else torch.zeros(op.shape[0], dtype=dtype, device=op.device),
-                        torch.tensor([weight, 0.0 if error is None else 1.0], dtype=dtype, device=op.device)])
+    zeros = torch.zeros(op.shape[0], dtype=dtype, device=op.device)
+    weight = float(stream.normalizer) if ok and op.reduction == "mean" else 0.0
+    flags = [weight, float(stream.batches) if ok else 0.0, 0.0 if error is None else 1.0]
+    packed = torch.cat([total if ok else zeros, torch.tensor(flags, dtype=dtype, device=op.device)])
     dist.all_reduce(packed, group=op.process_group)
     if error is not None:
         raise error
     if float(packed[-1]):
         raise ValueError("computing the diagonal failed on another rank of the process group; see the error there.")
-    normalizer = float(packed[-2]) if op.reduction == "mean" else 1.0
-    return (packed[:-2] / normalizer).to(op.dtype)
+    op._check_totals(float(packed[-3]) if op.reduction == "mean" else 1.0, float(packed[-2]),
+                     " on every rank of the process group")
+    normalizer = float(packed[-3]) if op.reduction == "mean" else 1.0
+    return (packed[:-3] / normalizer).to(op.dtype)
 
 
 def _gradient_columns(op: CurvatureOperator) -> Columns:
