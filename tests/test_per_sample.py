@@ -156,13 +156,33 @@ def test_monte_carlo_fisher_samples_per_position() -> None:
     assert max(_mc_error(4000, seed) for seed in range(2)) < 0.007
 
 
+def _without_rows(stream: curvature.PerSample) -> curvature.PerSample:
+    """The stream with every parameter pulled back by vmap (no layer's rows)."""
+    stream._row_layers().layers = []
+    return stream
+
+
+@pytest.mark.parametrize("case_name", CASES)
+def test_rows_and_vmap_paths_agree(case_name: str) -> None:
+    """The layers' recorded rows (Linear, convolutions, norms) and vmap over the samples give the same rows."""
+    case = make_case(case_name)
+    args = (case["model"], case["loss_fn"], case["data"])
+    rows = curvature.per_sample_gradients(*args, chunk_size=5).stack()
+    vmapped = _without_rows(curvature.per_sample_gradients(*args, chunk_size=5)).stack()
+    assert torch.allclose(rows, vmapped, rtol=0, atol=1e-12 * float(vmapped.abs().max()))
+    G = curvature.GGNOperator(*args) if structured("ggn", case_name) else curvature.EmpiricalFisherOperator(*args)
+    rows = per_sample_diagonals(G, chunk_size=5).stack()
+    vmapped = _without_rows(per_sample_diagonals(G, chunk_size=5)).stack()
+    assert torch.allclose(rows, vmapped, rtol=0, atol=1e-12 * float(vmapped.abs().max()))
+
+
 def test_chunks_and_fallback_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     case = make_case("layernorm_ce_mean")
     stream = curvature.per_sample_gradients(case["model"], case["loss_fn"], case["data"], chunk_size=1)
     one = stream.stack()
     assert torch.allclose(curvature.per_sample_gradients(case["model"], case["loss_fn"], case["data"]).stack(), one,
                           rtol=1e-12, atol=1e-14)
-    looped = curvature.per_sample_gradients(case["model"], case["loss_fn"], case["data"], chunk_size=5)
+    looped = _without_rows(curvature.per_sample_gradients(case["model"], case["loss_fn"], case["data"], chunk_size=5))
     looped._vmap_failed = True  # the sample-by-sample path vmap falls back to
     assert torch.allclose(looped.stack(), one, rtol=1e-12, atol=1e-14)
     # params= selects columns: the same rows restricted to the chosen parameters
@@ -181,10 +201,11 @@ def test_model_with_data_dependent_control_flow_falls_back_to_the_loop() -> None
         def __init__(self) -> None:
             super().__init__()
             self.lin = nn.Linear(3, 2)
+            self.gain = nn.Parameter(torch.tensor([1.5, -0.5]))  # no layer owns it: pulled back by vmap, or the loop
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(x.shape[0], 2, dtype=x.dtype)
-            out.copy_(self.lin(x))  # under vmap: an in-place write of a batched value into an unbatched tensor
+            out.copy_(self.lin(x) * self.gain)  # under vmap: an in-place write of a batched value into a fresh tensor
             return out
 
     torch.manual_seed(0)
@@ -194,6 +215,31 @@ def test_model_with_data_dependent_control_flow_falls_back_to_the_loop() -> None
     got = stream.stack()
     assert stream._vmap_failed
     for n in range(6):
+        expected = torch.autograd.grad(nn.functional.cross_entropy(model(x[n:n + 1]), y[n:n + 1], reduction="sum"),
+                                       list(model.parameters()))
+        assert torch.allclose(got[n], torch.cat([g.reshape(-1) for g in expected]), rtol=1e-12, atol=1e-14)
+
+
+def test_a_weight_also_used_outside_its_layer_is_pulled_back_whole() -> None:
+    """Rows see only the layer's own use; the first chunk's gradient check hands such a parameter to vmap."""
+
+    class Reused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.lin(x))
+            return self.head(h + nn.functional.linear(h, self.lin.weight))  # lin.weight used a second time
+
+    torch.manual_seed(0)
+    model = Reused().double()
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randint(0, 2, (7,))
+    stream = curvature.per_sample_gradients(model, nn.CrossEntropyLoss(reduction="sum"), (x, y), chunk_size=3)
+    got = stream.stack()
+    assert "lin" not in [layer.name for layer in stream._row_layers().layers]
+    for n in range(7):
         expected = torch.autograd.grad(nn.functional.cross_entropy(model(x[n:n + 1]), y[n:n + 1], reduction="sum"),
                                        list(model.parameters()))
         assert torch.allclose(got[n], torch.cat([g.reshape(-1) for g in expected]), rtol=1e-12, atol=1e-14)

@@ -42,6 +42,7 @@ from .._modes import autograd_enabled
 from .._tree import map_leaves
 from .curvature import CurvatureOperator
 from .data import batch_size
+from .layer_rows import RowLayers
 from .losses import check_additive
 
 __all__ = ["PerSample", "PerSampleChunk", "gradient_norms", "per_sample_diagonals", "per_sample_gradients"]
@@ -96,12 +97,17 @@ class PerSample:
         self.num_samples: int | None = None
         self.batches = 0
         self._vmap_failed = False
+        self._rows: RowLayers | None = None
 
     def __repr__(self) -> str:
         return f"PerSample({self._what}, P={self._op.shape[0]}, chunk_size={self.chunk_size})"
 
     # -- the stream -------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[PerSampleChunk]:
+        return self._stream(reduce=False)
+
+    def _stream(self, reduce: bool) -> Iterator[PerSampleChunk]:
+        """The chunks; with ``reduce`` each chunk's values are its rows' sum ``(1, P)`` (never the rows)."""
         op = self._op
         op._sync_with_model()
         weight_sum, start, batches = 0.0, 0, 0
@@ -111,7 +117,7 @@ class PerSample:
                 if n == 0:
                     continue
                 inputs, targets = op._prepare_batch(*batch)
-                weight = yield from self._batch(index, inputs, targets, start, n)
+                weight = yield from self._batch(index, inputs, targets, start, n, reduce)
                 weight_sum += weight
                 start += n
                 batches += 1
@@ -122,7 +128,7 @@ class PerSample:
         self.normalizer = weight_sum if op.reduction == "mean" else 1.0
         self.num_samples = start
 
-    def _batch(self, index: int, inputs: Any, targets: Any, start: int, n: int
+    def _batch(self, index: int, inputs: Any, targets: Any, start: int, n: int, reduce: bool
                ) -> Iterator[PerSampleChunk]:
         op = self._op
         state = op._state()
@@ -133,30 +139,61 @@ class PerSample:
             check_additive(op.loss_fn, outputs, targets, inputs, op.reduction, f"batch {index} of data")
         weight = op._weight(targets, inputs, outputs)
         columns, unit_dims, scale = self._columns(outputs, targets, index)
-        units = _unit_count(columns.shape[2:], unit_dims)
-        per_sample_columns = columns.shape[0] * units
-        chunk = self.chunk_size or max(1, CHUNK_BYTES // max(1, per_sample_columns * op.shape[0]
-                                                              * columns.element_size()))
-        factor = weight * scale
+        per_sample_columns = columns.shape[0] * _unit_count(columns.shape[2:], unit_dims)
+        rows = self._row_layers()
+        P, P_rows = op.shape[0], sum(op._sizes[i] for i in rows.indices)
+        # memory per sample: the rows' results (and their squares), the vmap path's pullbacks of every column
+        per_sample_bytes = columns.element_size() * ((1 + self._square) * P_rows + (P - P_rows) * per_sample_columns
+                                                     + per_sample_columns * math.prod(columns.shape[2:]))
+        chunk = self.chunk_size or max(1, CHUNK_BYTES // max(1, per_sample_bytes))
+        factor = weight * scale  # folded into the columns: w_b s (J^T c)^2 = (J^T sqrt(w_b s) c)^2
         for begin in range(0, n, chunk):
             end = min(n, begin + chunk)
+            indices = torch.arange(start + begin, start + end, device=op.device)
             if factor == 0:  # a batch whose targets are all ignored adds nothing (its columns may be 0/0)
-                yield PerSampleChunk(torch.arange(start + begin, start + end, device=op.device),
-                                     torch.zeros(end - begin, op.shape[0], dtype=op.dtype, device=op.device))
+                yield PerSampleChunk(indices, torch.zeros(1 if reduce else end - begin, P, dtype=op.dtype,
+                                                          device=op.device))
                 continue
             cols = _expand_units(columns[:, begin:end], unit_dims)  # (K, n, *z_sample)
-            pulled = self._pullback(inputs, n, begin, end, cols)  # (n, K, P)
-            values = pulled.square().sum(1) if self._square else pulled[:, 0]
             if factor != 1.0:
-                values = values * factor
-            yield PerSampleChunk(torch.arange(start + begin, start + end, device=values.device), values)
+                cols = cols * (math.sqrt(factor) if self._square else factor)
+            yield PerSampleChunk(indices, self._values(inputs, n, begin, end, cols, reduce))
         return weight
 
-    def _pullback(self, inputs: Any, n: int, begin: int, end: int, cols: torch.Tensor) -> torch.Tensor:
-        """``J_m^T c_{km}`` for the samples ``begin:end`` of the batch: ``(samples, K, P)``."""
+    def _row_layers(self) -> RowLayers:
+        if self._rows is None:
+            self._rows = RowLayers(self._op.model, self._op._params, self._op.param_names)
+        return self._rows
+
+    def _values(self, inputs: Any, n: int, begin: int, end: int, cols: torch.Tensor, reduce: bool) -> torch.Tensor:
+        """The rows of the samples ``begin:end``: ``(samples, P)``, or their sum ``(1, P)`` with ``reduce``.
+
+        Each parameter comes from its layer's rows (:class:`~curvature.operators.layer_rows.RowLayers`) or by vmap.
+        """
         op = self._op
-        names = op.param_names
+        state = op._state()
+        part = _sample_slice(inputs, n, begin, end)
         primals = [p.detach() for p in op._params]
+        out = torch.empty(1 if reduce else end - begin, op.shape[0], dtype=cols.dtype, device=cols.device)
+        offsets = [0]
+        for size in op._sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        written = self._row_layers().pullbacks(state, primals, part, cols, self._square, out, offsets, reduce)
+        rest = [i for i in range(len(primals)) if i not in written]
+        if rest:
+            pulled = self._pullback(inputs, n, begin, end, cols, rest)  # (samples, K, P_rest)
+            values = pulled.square().sum(1) if self._square else pulled[:, 0]
+            values = values.sum(0, keepdim=True) if reduce else values
+            for i, value in zip(rest, values.split([op._sizes[i] for i in rest], dim=1)):
+                out[:, offsets[i]:offsets[i] + op._sizes[i]] = value
+        return out
+
+    def _pullback(self, inputs: Any, n: int, begin: int, end: int, cols: torch.Tensor, which: list[int]
+                  ) -> torch.Tensor:
+        """``J_m^T c_{km}`` for the samples ``begin:end`` and the parameters ``which``: ``(samples, K, P_which)``."""
+        op = self._op
+        names = [op.param_names[i] for i in which]
+        primals = [op._params[i].detach() for i in which]
         state = op._state()
         part = _sample_slice(inputs, n, begin, end)
 
@@ -174,14 +211,15 @@ class PerSample:
                                        in_dims=(dims, 1))(part, cols)
             except (RuntimeError, ValueError, TypeError, NotImplementedError):  # a model vmap cannot batch
                 self._vmap_failed = True
-        rows = [_loop_pullback(op, state, names, _sample_slice(inputs, n, m, m + 1), cols[:, m - begin:m - begin + 1])
+        rows = [_loop_pullback(op, state, which, _sample_slice(inputs, n, m, m + 1), cols[:, m - begin:m - begin + 1])
                 for m in range(begin, end)]
         return torch.stack(rows)
 
     # -- reductions -----------------------------------------------------------------------------------------
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``fn`` applied to every chunk's ``(n, P)`` rows, concatenated along the samples (``fn`` keeps dim 0)."""
-        return torch.cat([fn(chunk.values) for chunk in self])
+        parts = [fn(chunk.values) for chunk in self]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def norms(self) -> torch.Tensor:
         """Each sample's row norm, ``(N,)``: for gradients, the GraNd score at these parameters (Paul et al. 2021)."""
@@ -190,8 +228,8 @@ class PerSample:
     def sum(self) -> torch.Tensor:
         r""":math:`\sum_n` of the rows, ``(P,)``, accumulated in float64 where the rows are float32 or lower."""
         total = torch.zeros(self._op.shape[0], dtype=_accumulation_dtype(self._op.dtype), device=self._op.device)
-        for chunk in self:
-            total += chunk.values.to(total.dtype).sum(0)
+        for chunk in self._stream(reduce=True):
+            total += chunk.values[0].to(total.dtype)
         return total.to(self._op.dtype)
 
     def mean(self) -> torch.Tensor:
@@ -413,10 +451,11 @@ def _add_batch_dim(t: Any) -> Any:
     return t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
 
 
-def _loop_pullback(op: CurvatureOperator, state: dict[str, torch.Tensor], names: list[str], x: Any,
+def _loop_pullback(op: CurvatureOperator, state: dict[str, torch.Tensor], which: list[int], x: Any,
                    cols: torch.Tensor) -> torch.Tensor:
-    """One sample's ``(K, P)`` pullbacks by autograd (for models vmap cannot batch)."""
-    leaves = [p.detach().requires_grad_(True) for p in op._params]
+    """One sample's ``(K, P_which)`` pullbacks by autograd (for models vmap cannot batch)."""
+    leaves = [op._params[i].detach().requires_grad_(True) for i in which]
+    names = [op.param_names[i] for i in which]
     with torch.enable_grad():
         z = model_outputs(op.model, {**state, **dict(zip(names, leaves))}, x)
         rows = []

@@ -22,7 +22,10 @@ The columns :math:`c` depend on ``fisher_type``:
   output unit and column (the exact GGN in the factored form :math:`\sum_c (J^\top s_c)(J^\top s_c)^\top`);
 * ``"mc"`` (``"mc"``): gradients at ``mc_samples`` targets drawn from the model's predictive distribution, weighted
   by :math:`1/M` (the Monte-Carlo Fisher, exactly the draws of
-  :class:`~curvature.operators.ggn.FisherOperator` with the same generator);
+  :class:`~curvature.operators.ggn.FisherOperator` with the same generator, each backpropagated whole: one backward
+  pass per draw. On outputs with several units per sample (positions, MSE or BCE entries) this keeps the cross-unit
+  terms, zero in expectation, that ``FisherOperator`` drops at no cost in output space; the two agree on ``(N, C)``
+  logits);
 * ``"empirical"`` (``"empirical"``): the gradient of each sample's own loss (the empirical Fisher).
 
 A mean loss enters through the weights of the columns, so the operator approximates the curvature of the loss over

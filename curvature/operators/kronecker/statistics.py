@@ -24,7 +24,7 @@ from ..curvature import require_graph
 from ..data import batch_size, split_batch
 from .layers import Layer
 
-__all__ = ["FactorStatistics", "gram", "per_sample_gradients", "summed_gradient"]
+__all__ = ["FactorStatistics", "backward_columns", "gram", "per_sample_gradients", "summed_gradient"]
 
 
 class FactorStatistics:
@@ -277,7 +277,7 @@ class FactorStatistics:
         chunks += [rest[i:i + self._column_chunk] for i in range(0, len(rest), self._column_chunk)]
         for number, chunk in enumerate(chunks):
             checking = check and number == 0
-            grads = _backward(z, layer_outputs + (leaves if checking else []), chunk)
+            grads = backward_columns(z, layer_outputs + (leaves if checking else []), chunk)
             start = 0
             g_rows = []  # per layer: (columns, N, R, groups, width)
             for layer, c in zip(self.layers, calls):
@@ -420,7 +420,7 @@ def per_sample_gradients(layer: Layer, a: torch.Tensor, g: torch.Tensor) -> torc
     return torch.einsum("nrgi,nrgj->ngij", g, a)
 
 
-def _backward(z: torch.Tensor, inputs: list[torch.Tensor], columns: list[torch.Tensor]
+def backward_columns(z: torch.Tensor, inputs: list[torch.Tensor], columns: list[torch.Tensor]
               ) -> list[torch.Tensor | None]:
     """The vector-Jacobian products of ``z`` with several columns at once: ``(columns, *shape)`` per input.
 
