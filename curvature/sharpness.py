@@ -1,6 +1,7 @@
 """One call from a model to a sharpness report: λ_max, top-k eigenvalues, trace, Frobenius norm, density.
 
-Optionally, λ_max and the trace of each block of parameters (layer by layer): :class:`BlockSharpness`.
+Optionally, λ_max and the trace of each block of parameters (layer by layer), one
+:class:`~curvature.sharpness.BlockSharpness` per block.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ class SharpnessReport:
             ``residuals``.
         num_matvecs: Products spent per metric (``"blocks"`` for the per-block table, and ``"total"``).
         seconds: Wall time per metric (``"blocks"`` and ``"total"`` too).
-        blocks: The per-block table (``blocks=`` of :func:`sharpness`): one :class:`BlockSharpness` per block,
-            in order; empty when not asked for.
+        blocks: The per-block table (``blocks=`` of :func:`sharpness`): one
+            :class:`~curvature.sharpness.BlockSharpness` per block, in order; empty when not asked for.
     """
 
     operator: str
@@ -130,7 +131,8 @@ class SharpnessReport:
     def to_dict(self) -> dict[str, Any]:
         """Return the report as plain Python values (JSON-serializable; the density as nodes and weights).
 
-        The per-block table, when measured, is a list of :meth:`BlockSharpness.to_dict` under ``"blocks"``.
+        The per-block table, when measured, is a list of :meth:`~curvature.sharpness.BlockSharpness.to_dict`
+        under ``"blocks"``.
         """
         out: dict[str, Any] = {"operator": self.operator, "num_params": self.num_params}
         if self.lambda_max is not None:
@@ -197,7 +199,8 @@ class SharpnessReport:
         lines = [f"Sharpness report: {self.operator}, P = {self.num_params}",
                  *_table(("metric", "value", "products", "seconds"), rows)]
         if self.blocks:
-            lines += ["", f"Per block: the {self.operator} of each block's parameters alone (its diagonal block)",
+            title = operator_class(self.operator).title
+            lines += ["", f"Per block: the {title} in each block's parameters alone (its diagonal block)",
                       *_table(("block", "params", "lambda_max", "trace", "products", "seconds"), self._block_rows())]
         return "\n".join(lines)
 
@@ -273,7 +276,7 @@ def sharpness(
     - ``"density"``: :func:`curvature.spectral_density` with ``density_probes`` probes of ``density_steps``
       Lanczos steps.
 
-    With ``blocks=`` the report adds a per-block table (:attr:`SharpnessReport.blocks`, layer by layer): for each
+    With ``blocks=`` the report adds a per-block table (``SharpnessReport.blocks``, layer by layer): for each
     block ``b`` of parameters, λ_max (when ``"lambda_max"`` or ``"top_k"`` is asked for) and the trace (when
     ``"trace"`` is) of the diagonal block :math:`H_{bb}` of the operator, the curvature of the loss in those
     parameters alone. Each block gets its own operator of the same class on the same data
@@ -312,7 +315,7 @@ def sharpness(
             without a trailing dot, takes every parameter under it: ``"encoder"`` or ``"encoder."``), a
             parameter tensor, a submodule, or a list of these, e.g. ``{"encoder": "encoder", "head": ["fc.weight",
             "fc.bias"]}``. Blocks are taken within ``params``; frozen parameters are left out; blocks may
-            overlap (see :func:`parameter_blocks`).
+            overlap (see :func:`~curvature.sharpness.parameter_blocks`).
         **operator_kwargs: Passed to the operator (``mc_samples=`` for the Fisher, ``reduction=``, ...).
 
     Returns:
@@ -357,7 +360,7 @@ def sharpness(
 
 
 def parameter_blocks(model: nn.Module, blocks: Any, params: Any = None) -> dict[str, tuple[str, ...]]:
-    """The parameter blocks ``blocks=`` of :func:`sharpness` names: each block's parameter names.
+    """The parameter blocks ``blocks=`` of :func:`~curvature.sharpness` names: each block's parameter names.
 
     A selection by name takes the parameter of that name, or every parameter under the module of that name
     (``"encoder"`` and ``"encoder."`` take ``encoder.layer.weight``, never ``encoder2.weight``); a tied
@@ -371,8 +374,8 @@ def parameter_blocks(model: nn.Module, blocks: Any, params: Any = None) -> dict[
     Args:
         model: The model.
         blocks: True or ``"modules"``, ``"parameters"``, or a mapping from block names to selections (see
-            :func:`sharpness`); None or False give no blocks.
-        params: The parameters of the operator (as in :func:`sharpness`); None takes every trainable one.
+            :func:`~curvature.sharpness`); None or False give no blocks.
+        params: The parameters of the operator (as in :func:`~curvature.sharpness`); None takes every trainable one.
 
     Returns:
         Block names to parameter names (in the model's order), in the order of the modules, the parameters or

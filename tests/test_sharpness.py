@@ -264,7 +264,7 @@ def test_block_table_in_print_dict_json_and_absent_by_default(tmp_path) -> None:
     case = make_case("layernorm_ce_mean", torch.float64)
     report = sharpness(case["model"], case["loss_fn"], case["data"], blocks=True, generator=seeded(0), quiet=True)
     text = str(report)
-    assert "\nblocks      3 blocks (table below)" in text and "\nPer block: the hessian of each block" in text
+    assert "\nblocks      3 blocks (table below)" in text and "\nPer block: the Hessian in each block" in text
     table = text.split("Per block")[1].splitlines()
     assert table[1].split() == ["block", "params", "lambda_max", "trace", "products", "seconds"]
     assert [line.split()[0] for line in table[3:]] == ["0", "1", "3", "total"]
