@@ -1,10 +1,15 @@
-"""One call from a model to a sharpness report: λ_max, top-k eigenvalues, trace, Frobenius norm, density."""
+"""One call from a model to a sharpness report: λ_max, top-k eigenvalues, trace, Frobenius norm, density.
+
+Optionally, λ_max and the trace of each block of parameters (layer by layer), one
+:class:`~curvature.sharpness.BlockSharpness` per block.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -18,13 +23,71 @@ from .linalg.eigen import eigenvalues
 from .linalg.trace import MIN_MATVECS, TRACE_METHODS, Estimate, frobenius_norm, trace
 from .monitor import MONITOR_METRICS, MonitorEntry, SharpnessMonitor  # noqa: F401 (their old home)
 from .operators.base import LinearOperator
-from .operators.curvature import CurvatureOperator
+from .operators.curvature import CurvatureOperator, select_parameters
 from .operators.registry import APPROXIMATE_OPERATORS, OPERATORS, operator_class  # noqa: F401 (OPERATORS: read here by the command)
 from .sampling import resolve_generator
 
-__all__ = ["METRICS", "MONITOR_METRICS", "MonitorEntry", "SharpnessMonitor", "SharpnessReport", "sharpness"]
+__all__ = [
+    "METRICS",
+    "MONITOR_METRICS",
+    "BlockSharpness",
+    "MonitorEntry",
+    "SharpnessMonitor",
+    "SharpnessReport",
+    "parameter_blocks",
+    "sharpness",
+]
 
 METRICS = ("lambda_max", "top_k", "lambda_min", "trace", "frobenius_norm", "density")
+ROOT_BLOCK = "(model)"  # the name of the block of the parameters the model itself registers (not a submodule)
+
+
+def _estimate_dict(est: Estimate) -> dict[str, Any]:
+    return {"value": est.value, "std_error": est.std_error, "num_matvecs": est.num_matvecs}
+
+
+@dataclass(frozen=True)
+class BlockSharpness:
+    r"""λ_max and the trace of the curvature restricted to one block of parameters: a row of the per-block table.
+
+    For the parameters ``b`` of the block, the restricted curvature is the diagonal block :math:`H_{bb}` of the
+    full operator ``H`` (the curvature of the loss as a function of those parameters alone, the others held
+    fixed), built by the same operator class with ``params=`` the block. The traces of blocks that partition
+    the parameters add up to the full trace, :math:`\operatorname{tr} H = \sum_b \operatorname{tr} H_{bb}`;
+    by Cauchy's interlacing theorem every block's λ_max lies between the full operator's λ_min and λ_max.
+
+    Attributes:
+        name: The block's name: a module's path (``"features.0"``), a parameter's name, or a key of
+            ``blocks=``.
+        params: The names of its parameters, in the model's order.
+        num_params: Its size ``P_b``.
+        lambda_max: The largest eigenvalue of :math:`H_{bb}`, or None when not asked for.
+        residual: The residual norm of its eigenpair, or None.
+        converged: Whether λ_max met ``tol`` within the budget, or None.
+        trace: :math:`\operatorname{tr} H_{bb}` with its standard error (0 when exact), or None.
+        num_matvecs: Products spent on the block (with its own, smaller operator).
+        seconds: Wall time spent on the block.
+    """
+
+    name: str
+    params: tuple[str, ...]
+    num_params: int
+    lambda_max: float | None = None
+    residual: float | None = None
+    converged: bool | None = None
+    trace: Estimate | None = None
+    num_matvecs: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the row as plain Python values (JSON-serializable); the metrics not measured are left out."""
+        out: dict[str, Any] = {"name": self.name, "params": list(self.params), "num_params": self.num_params}
+        if self.lambda_max is not None:
+            out.update(lambda_max=self.lambda_max, residual=self.residual, converged=self.converged)
+        if self.trace is not None:
+            out["trace"] = _estimate_dict(self.trace)
+        out.update(num_matvecs=self.num_matvecs, seconds=self.seconds)
+        return out
 
 
 @dataclass(frozen=True)
@@ -45,8 +108,10 @@ class SharpnessReport:
             was asked for) and ``"lambda_min"``.
         converged: Whether each eigenvalue computation met ``tol`` within its budget, keyed like
             ``residuals``.
-        num_matvecs: Products spent per metric (``"total"`` too).
-        seconds: Wall time per metric (``"total"`` too).
+        num_matvecs: Products spent per metric (``"blocks"`` for the per-block table, and ``"total"``).
+        seconds: Wall time per metric (``"blocks"`` and ``"total"`` too).
+        blocks: The per-block table (``blocks=`` of :func:`sharpness`): one
+            :class:`~curvature.sharpness.BlockSharpness` per block, in order; empty when not asked for.
     """
 
     operator: str
@@ -61,9 +126,14 @@ class SharpnessReport:
     converged: dict[str, bool] = field(default_factory=dict)
     num_matvecs: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    blocks: tuple[BlockSharpness, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the report as plain Python values (JSON-serializable; the density as nodes and weights)."""
+        """Return the report as plain Python values (JSON-serializable; the density as nodes and weights).
+
+        The per-block table, when measured, is a list of :meth:`~curvature.sharpness.BlockSharpness.to_dict`
+        under ``"blocks"``.
+        """
         out: dict[str, Any] = {"operator": self.operator, "num_params": self.num_params}
         if self.lambda_max is not None:
             out["lambda_max"] = self.lambda_max
@@ -74,7 +144,7 @@ class SharpnessReport:
         for name in ("trace", "frobenius_norm"):
             est = getattr(self, name)
             if est is not None:
-                out[name] = {"value": est.value, "std_error": est.std_error, "num_matvecs": est.num_matvecs}
+                out[name] = _estimate_dict(est)
         if self.density is not None:
             out["density"] = {
                 "nodes": self.density.nodes.tolist(),
@@ -82,6 +152,8 @@ class SharpnessReport:
                 "probe": self.density.probe.tolist(),
                 "num_probes": self.density.num_probes,
             }
+        if self.blocks:
+            out["blocks"] = [block.to_dict() for block in self.blocks]
         out["residuals"] = dict(self.residuals)
         out["converged"] = dict(self.converged)
         out["num_matvecs"] = dict(self.num_matvecs)
@@ -121,14 +193,35 @@ class SharpnessReport:
             d = self.density
             rows.append(("density", f"{d.num_probes} probes, {d.nodes.numel()} nodes in "
                          f"[{float(d.nodes.min()):.4g}, {float(d.nodes.max()):.4g}]", *cost("density")))
+        if self.blocks:
+            rows.append(("blocks", f"{len(self.blocks)} blocks (table below)", *cost("blocks")))
         rows.append(("total", "", *cost("total")))
-        header = ("metric", "value", "products", "seconds")
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-        lines = [f"Sharpness report: {self.operator}, P = {self.num_params}"]
-        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-        lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines = [f"Sharpness report: {self.operator}, P = {self.num_params}",
+                 *_table(("metric", "value", "products", "seconds"), rows)]
+        if self.blocks:
+            title = operator_class(self.operator).title
+            lines += ["", f"Per block: the {title} in each block's parameters alone (its diagonal block)",
+                      *_table(("block", "params", "lambda_max", "trace", "products", "seconds"), self._block_rows())]
         return "\n".join(lines)
+
+    def _block_rows(self) -> list[tuple[str, ...]]:
+        """The rows of the per-block table, and its total."""
+        rows = []
+        for block in self.blocks:
+            lam = "" if block.lambda_max is None else f"{block.lambda_max:.6g}" + (
+                "" if block.converged else " (not converged)")
+            tr = "" if block.trace is None else f"{block.trace.value:.6g} ± {block.trace.std_error:.2g}"
+            rows.append((block.name, str(block.num_params), lam, tr, str(block.num_matvecs), f"{block.seconds:.2f}"))
+        rows.append(("total", str(sum(b.num_params for b in self.blocks)), "", "",
+                     str(sum(b.num_matvecs for b in self.blocks)), f"{sum(b.seconds for b in self.blocks):.2f}"))
+        return rows
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """The lines of a plain-text table: the header, a rule, and the rows, each column as wide as its widest cell."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    return lines + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
 
 
 class _Progress(LinearOperator):
@@ -167,6 +260,7 @@ def sharpness(
     density_steps: int = 100,
     generator: torch.Generator | None = None,
     quiet: bool = False,
+    blocks: Any = None,
     **operator_kwargs: Any,
 ) -> SharpnessReport:
     """Measure how sharp a model's loss is: build the curvature operator and run the estimators on it.
@@ -181,6 +275,16 @@ def sharpness(
     - ``"frobenius_norm"``: :func:`curvature.frobenius_norm` with ``num_matvecs`` products;
     - ``"density"``: :func:`curvature.spectral_density` with ``density_probes`` probes of ``density_steps``
       Lanczos steps.
+
+    With ``blocks=`` the report adds a per-block table (``SharpnessReport.blocks``, layer by layer): for each
+    block ``b`` of parameters, λ_max (when ``"lambda_max"`` or ``"top_k"`` is asked for) and the trace (when
+    ``"trace"`` is) of the diagonal block :math:`H_{bb}` of the operator, the curvature of the loss in those
+    parameters alone. Each block gets its own operator of the same class on the same data
+    (``params=`` the block; a Monte-Carlo Fisher draws the same labels as the full one), so a block costs
+    products of its own, counted in the block's row and in ``num_matvecs["blocks"]``. λ_max is computed to
+    ``tol`` like the full one; the trace with ``trace_method`` and ``num_matvecs``, except that a block of at
+    most ``num_matvecs`` parameters gets its exact trace (``P_b`` products, no more than the estimate would
+    spend, and no error). Blocks are checked, and their operators built, before any product.
 
     The model, its ``.grad``, buffers, train/eval mode and the global RNG are left as they were. A progress
     bar (tqdm) counts products when the work takes longer than two seconds.
@@ -204,29 +308,205 @@ def sharpness(
         generator: The source of every random draw (probes, start vectors, and the sampled labels of a
             Monte-Carlo Fisher); None: a copy of torch's global generator, which is left untouched.
         quiet: Hide the progress bar.
+        blocks: The per-block table: None or False (none, the default); True or ``"modules"`` for one block per
+            module that registers parameters itself, named by its path (``"features.0"``, ``"classifier"``;
+            ``"(model)"`` for the model's own); ``"parameters"`` for one block per parameter tensor; or a
+            mapping from block names to selections, each a parameter or module name (a module name, with or
+            without a trailing dot, takes every parameter under it: ``"encoder"`` or ``"encoder."``), a
+            parameter tensor, a submodule, or a list of these, e.g. ``{"encoder": "encoder", "head": ["fc.weight",
+            "fc.bias"]}``. Blocks are taken within ``params``; frozen parameters are left out; blocks may
+            overlap (see :func:`~curvature.sharpness.parameter_blocks`).
         **operator_kwargs: Passed to the operator (``mc_samples=`` for the Fisher, ``reduction=``, ...).
 
     Returns:
         A :class:`SharpnessReport`; ``print(report)`` shows a table, ``report.to_dict()`` the values.
 
     Raises:
-        ValueError: On an unknown metric, operator or trace method, or a count out of range (checked
-            before any product).
+        ValueError: On an unknown metric, operator or trace method, a count out of range, or a block that
+            names nothing, names a frozen or unselected parameter, or asks for a table without
+            ``"lambda_max"``, ``"top_k"`` or ``"trace"`` among the metrics (checked before any product).
+        TypeError: On ``blocks`` of another type, or a block selection that is neither a name, a tensor nor
+            a module.
 
     Example:
-        >>> model = nn.Linear(3, 2).double()
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
         >>> data = (torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))
         >>> report = sharpness(model, nn.CrossEntropyLoss(), data, metrics=("lambda_max",), quiet=True)
         >>> report.lambda_max > 0
         True
+        >>> report = sharpness(model, nn.CrossEntropyLoss(), data, blocks=True, trace_method="exact", quiet=True)
+        >>> [(b.name, b.num_params) for b in report.blocks]
+        [('0', 16), ('2', 10)]
+        >>> abs(sum(b.trace.value for b in report.blocks) - report.trace.value) < 1e-12
+        True
     """
     metrics = _checked_metrics(metrics, operator, trace_method, tol, k, num_matvecs, density_probes, density_steps)
+    measured = _block_metrics(blocks, metrics)
     generator = resolve_generator(generator)
+    labels = generator.get_state()  # the Monte-Carlo labels of a sampled operator: its blocks draw the same
     op = _build_operator(model, loss_fn, data, operator, params, generator, operator_kwargs)
     if op.process_group is not None and torch.distributed.get_rank(op.process_group) != 0:
         quiet = True  # one progress bar for a job over several processes: rank 0's
+    block_ops = {}
+    if measured:
+        strip = "module." if op.model is not model else ""  # names of a wrapped (DDP) model's parameters
+        for name, names in _resolve_blocks(op.model, blocks, op.param_names, strip).items():
+            replay = torch.Generator(device=generator.device)
+            replay.set_state(labels)
+            block_ops[name] = _build_operator(model, loss_fn, data, operator, list(names), replay, operator_kwargs)
     stages = _stages(metrics, k, tol, trace_method, num_matvecs, density_probes, density_steps, generator)
-    return _run_stages(op, operator, stages, quiet)
+    block_stage = _BlockStage(block_ops, measured, tol, trace_method, num_matvecs, generator)
+    return _run_stages(op, operator, stages, quiet, block_stage)
+
+
+def parameter_blocks(model: nn.Module, blocks: Any, params: Any = None) -> dict[str, tuple[str, ...]]:
+    """The parameter blocks ``blocks=`` of :func:`~curvature.sharpness` names: each block's parameter names.
+
+    A selection by name takes the parameter of that name, or every parameter under the module of that name
+    (``"encoder"`` and ``"encoder."`` take ``encoder.layer.weight``, never ``encoder2.weight``); a tied
+    weight answers to each of its names and is reported under its first (``model.named_parameters()``).
+    Only the parameters ``params`` selects (every trainable one by default) are taken; a selection that
+    also covers frozen ones keeps the others. Blocks may overlap: a block for ``"encoder"`` next to one for
+    ``"encoder.layers.0"`` is allowed (their traces then do not add up to the full trace). With
+    ``"modules"``, a module used at two places, or a parameter registered by two modules, is counted once,
+    at its first place, so those blocks partition the selection.
+
+    Args:
+        model: The model.
+        blocks: True or ``"modules"``, ``"parameters"``, or a mapping from block names to selections (see
+            :func:`~curvature.sharpness`); None or False give no blocks.
+        params: The parameters of the operator (as in :func:`~curvature.sharpness`); None takes every trainable one.
+
+    Returns:
+        Block names to parameter names (in the model's order), in the order of the modules, the parameters or
+        the mapping.
+
+    Raises:
+        ValueError: On an unknown string for ``blocks``, an empty mapping, or a selection that names no
+            parameter or module of the model, holds a tensor or module that is not the model's, or leaves a
+            block without a parameter that ``params`` selects (all of it frozen or left out).
+        TypeError: On ``blocks`` of another type, a block name that is not a string, or a selection that is
+            neither a name, a tensor, a module nor a list of these.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> parameter_blocks(model, "modules")
+        {'0': ('0.weight', '0.bias'), '2': ('2.weight', '2.bias')}
+        >>> parameter_blocks(model, {"weights": ["0.weight", model[2].weight], "last": "2."})
+        {'weights': ('0.weight', '2.weight'), 'last': ('2.weight', '2.bias')}
+    """
+    names = [name for name, _ in select_parameters(model, params)]
+    return _resolve_blocks(model, blocks, names, "") if _wants_blocks(blocks) else {}
+
+
+def _wants_blocks(blocks: Any) -> bool:
+    """Whether ``blocks`` asks for a table (None and False do not)."""
+    return blocks is not None and blocks is not False
+
+
+def _block_metrics(blocks: Any, metrics: tuple[str, ...]) -> tuple[str, ...]:
+    """What the per-block table measures: ``"lambda_max"`` and/or ``"trace"``, after the metrics; () for none.
+
+    Raises:
+        ValueError: If a table is asked for with none of ``"lambda_max"``, ``"top_k"``, ``"trace"`` in ``metrics``.
+    """
+    if not _wants_blocks(blocks):
+        return ()
+    measured = tuple(name for name, wanted in (("lambda_max", {"lambda_max", "top_k"} & set(metrics)),
+                                               ("trace", "trace" in metrics)) if wanted)
+    if not measured:
+        raise ValueError(f"blocks: the per-block table holds lambda_max and the trace of each block, and metrics "
+                         f"{metrics!r} asks for neither; add 'lambda_max' or 'trace' to metrics, or leave out blocks.")
+    return measured
+
+
+def _resolve_blocks(model: nn.Module, blocks: Any, selected: list[str], strip: str) -> dict[str, tuple[str, ...]]:
+    """:func:`parameter_blocks` on the names ``selected`` (the operator's), ``strip`` removed from names given."""
+    first = {id(p): name for name, p in model.named_parameters()}  # a tied weight's first name, as in the operator
+    chosen = set(selected)
+    if blocks is True or blocks == "modules":
+        out: dict[str, tuple[str, ...]] = {}
+        seen: set[str] = set()
+        for path, module in model.named_modules():
+            names = [first[id(p)] for _, p in module.named_parameters(recurse=False)]
+            names = [n for n in dict.fromkeys(names) if n in chosen and n not in seen]
+            seen.update(names)
+            if names:
+                out[path or ROOT_BLOCK] = tuple(n for n in selected if n in names)
+        return out
+    if blocks == "parameters":
+        return {name: (name,) for name in selected}
+    if isinstance(blocks, str):
+        raise ValueError(f"blocks must be 'modules' or 'parameters' as a string, got {blocks!r}; for a block of "
+                         f"your own pass a mapping, e.g. blocks={{{blocks!r}: {blocks!r}}}.")
+    if not isinstance(blocks, Mapping):
+        raise TypeError("blocks must be None, True, 'modules', 'parameters' or a mapping from block names to "
+                        "parameter or module names, e.g. {'encoder': 'encoder', 'head': ['fc.weight', 'fc.bias']}; "
+                        f"got {type(blocks).__name__}.")
+    if not blocks:
+        raise ValueError("blocks is an empty mapping; name at least one block, or pass None for no table.")
+    out = {}
+    for key, selection in blocks.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"blocks keys name the blocks and must be non-empty strings, got {key!r}.")
+        names = _selected_names(model, key, selection, first, strip)
+        kept = [n for n in selected if n in names]
+        if not kept:
+            raise ValueError(f"blocks[{key!r}] selects only {sorted(names)[:6]}, which are not measured (frozen, "
+                             "requires_grad=False, or left out of params=); select trainable parameters.")
+        out[key] = tuple(kept)
+    return out
+
+
+def _some(names: list[str], count: int = 8) -> str:
+    """The first ``count`` names as a list, with ``...`` when there are more."""
+    return f"{names[:count]}{' ...' if len(names) > count else ''}"
+
+
+def _selected_names(model: nn.Module, key: str, selection: Any, first: dict[int, str], strip: str) -> set[str]:
+    """The parameter names (first names of tied weights) of one block's selection, frozen ones included."""
+    where = f"blocks[{key!r}]"
+    items = [selection] if isinstance(selection, (str, torch.Tensor, nn.Module)) else selection
+    try:
+        items = list(items)
+    except TypeError:
+        raise TypeError(f"{where} must be a parameter or module name, a parameter, a submodule or a list of "
+                        f"these, got {type(selection).__name__}.") from None
+    if not items:
+        raise ValueError(f"{where} is empty; name its parameters or modules, e.g. {{{key!r}: 'encoder'}}.")
+    every = [(name, first[id(p)]) for name, p in model.named_parameters(remove_duplicate=False)]
+    names: set[str] = set()
+    for item in items:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
+            item = item[1]  # a (name, parameter) pair of named_parameters(): its name may be a submodule's
+        if isinstance(item, str):
+            path = item.removeprefix(strip).rstrip(".")
+            found = {name for alias, name in every if alias == path or alias.startswith(path + ".")} if path else set()
+            if not found:
+                modules = dict(model.named_modules())
+                if path in modules:
+                    raise ValueError(f"{where} names the module {item!r} ({type(modules[path]).__name__}), which has "
+                                     "no parameters.")
+                owners = [m for m, mod in modules.items() if m and next(mod.parameters(False), None) is not None]
+                raise ValueError(f"{where} names {item!r}, which is neither a parameter nor a module of the model; "
+                                 f"its modules with parameters are {_some(owners)}, its parameters "
+                                 f"{_some([alias for alias, _ in every])}.")
+            names |= found
+        elif isinstance(item, torch.Tensor):
+            if id(item) not in first:
+                raise ValueError(f"{where} holds a tensor that is not a parameter of the model.")
+            names.add(first[id(item)])
+        elif isinstance(item, nn.Module):
+            if not any(item is module for module in model.modules()):
+                raise ValueError(f"{where} holds a module that is not a submodule of the model.")
+            found = {first[id(p)] for p in item.parameters()}
+            if not found:
+                raise ValueError(f"{where} holds a module without parameters ({type(item).__name__}).")
+            names |= found
+        else:
+            raise TypeError(f"{where} entries must be parameter or module names, parameters or submodules, got "
+                            f"{type(item).__name__}; e.g. {{{key!r}: ['fc.weight', 'fc.bias']}} or {{{key!r}: 'fc'}}.")
+    return names
 
 
 def _checked_metrics(metrics: Iterable[str], operator: str, trace_method: str, tol: float, k: int,
@@ -326,9 +606,44 @@ def _stages(metrics: tuple[str, ...], k: int, tol: float, trace_method: str, num
     return {stage: run for stage, run in every.items() if wanted.get(stage, stage in metrics)}
 
 
+@dataclass(frozen=True)
+class _BlockStage:
+    """The per-block table's work: the blocks' operators and how to measure each.
+
+    Attributes:
+        ops: Block names to their operators (``params=`` the block), built before any product.
+        measured: ``"lambda_max"`` and/or ``"trace"``.
+        tol: The relative error of λ_max.
+        trace_method: The trace method of blocks larger than ``num_matvecs``.
+        num_matvecs: The trace's products; a block of at most this many parameters gets its exact trace.
+        generator: The source of the start vectors and probes.
+    """
+
+    ops: dict[str, CurvatureOperator]
+    measured: tuple[str, ...]
+    tol: float
+    trace_method: str
+    num_matvecs: int
+    generator: torch.Generator
+
+    def measure(self, name: str, op: LinearOperator, params: tuple[str, ...]) -> BlockSharpness:
+        """λ_max and the trace of one block's operator ``op`` (tracked), timed and counted."""
+        start, before = time.perf_counter(), op.num_matvecs
+        values: dict[str, Any] = {}
+        if "lambda_max" in self.measured:
+            largest = _largest_eigenvalues(op, ("lambda_max",), 1, self.tol, self.generator)
+            values.update(lambda_max=largest.values["lambda_max"], residual=largest.residuals["lambda_max"][0],
+                          converged=largest.converged["lambda_max"])
+        if "trace" in self.measured:
+            method = "exact" if op.shape[0] <= self.num_matvecs else self.trace_method
+            values["trace"] = trace(op, method=method, num_matvecs=self.num_matvecs, generator=self.generator)
+        return BlockSharpness(name=name, params=params, num_params=op.shape[0],
+                              num_matvecs=op.num_matvecs - before, seconds=time.perf_counter() - start, **values)
+
+
 def _run_stages(op: CurvatureOperator, operator: str, stages: dict[str, Callable[[LinearOperator], _Measured]],
-                quiet: bool) -> SharpnessReport:
-    """Run the stages on ``op`` behind one progress bar, counting each stage's products and seconds."""
+                quiet: bool, block_stage: _BlockStage) -> SharpnessReport:
+    """Run the stages on ``op``, then the blocks, behind one progress bar, counting each one's products and seconds."""
     from tqdm.auto import tqdm
 
     values: dict[str, Any] = {}
@@ -336,6 +651,7 @@ def _run_stages(op: CurvatureOperator, operator: str, stages: dict[str, Callable
     converged: dict[str, bool] = {}
     num_products: dict[str, int] = {}
     seconds: dict[str, float] = {}
+    rows: list[BlockSharpness] = []
     start_all = time.perf_counter()
     with tqdm(desc="sharpness", unit="product", delay=2.0, disable=quiet, leave=False) as bar:
         tracked = _Progress(op, bar)
@@ -348,9 +664,18 @@ def _run_stages(op: CurvatureOperator, operator: str, stages: dict[str, Callable
             converged.update(measured.converged)
             num_products[stage] = tracked.num_matvecs - before
             seconds[stage] = time.perf_counter() - start
-    num_products["total"] = tracked.num_matvecs
+        if block_stage.ops:
+            op.clear_cache()  # the full operator's kept graphs are not needed any more
+            start = time.perf_counter()
+            for i, (name, block_op) in enumerate(block_stage.ops.items(), 1):
+                bar.set_postfix_str(f"block {i}/{len(block_stage.ops)}: {name}", refresh=False)
+                rows.append(block_stage.measure(name, _Progress(block_op, bar), tuple(block_op.param_names)))
+                block_op.clear_cache()
+            num_products["blocks"] = sum(row.num_matvecs for row in rows)
+            seconds["blocks"] = time.perf_counter() - start
+    num_products["total"] = sum(num_products.values())
     seconds["total"] = time.perf_counter() - start_all
     return SharpnessReport(
         operator=operator, num_params=op.shape[0], residuals=residuals, converged=converged, num_matvecs=num_products,
-        seconds=seconds, **{name: value for name, value in values.items() if value is not None},
+        seconds=seconds, blocks=tuple(rows), **{name: value for name, value in values.items() if value is not None},
     )

@@ -6,7 +6,9 @@ training loss over a ``DataLoader`` (batches of 256, the last one uneven): λ_ma
 quadrature). Prints the report, writes ``density.png`` and ``report.json`` into ``--out``, and checks the
 numbers against independent computations: λ_max against ARPACK (``scipy.sparse.linalg.eigsh``) to 1e-8,
 the trace estimate against the exact trace (``P`` products) within 3 of its standard errors, and the
-density's first moment against its own trace estimate.
+density's first moment against its own trace estimate. With ``blocks=True`` the report adds a per-layer table:
+λ_max and the trace of each layer's diagonal Hessian block (the Hessian in that layer's parameters alone),
+checked against ARPACK on the layer's own operator and against the layer's exact trace.
 
 Run:  python examples/sharpness.py [--quick] [--out DIR]
 """
@@ -65,7 +67,7 @@ def main() -> None:
     data = DataLoader(TensorDataset(X, y), batch_size=256)  # 1347 samples: 5 batches of 256 and one of 67
     report = curvature.sharpness(
         model, loss_fn, data, metrics=curvature.METRICS, k=5, tol=1e-6, num_matvecs=100,
-        density_probes=4, density_steps=60, generator=torch.Generator().manual_seed(0),
+        density_probes=4, density_steps=60, generator=torch.Generator().manual_seed(0), blocks=True,
     )
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +91,21 @@ def main() -> None:
     moment_gap = abs(slq.value - num_params * report.density.moment(1))
     print(f"  density: weights sum to {float(report.density.weights.sum()):.15f}; P x first moment "
           f"{num_params * report.density.moment(1):.6f} = its trace estimate {slq.value:.6f} ± {slq.std_error:.2g}")
-    if lam_err > 1e-8 or abs(z) > 3 or moment_gap > 1e-8 * abs(slq.value) or not math.isfinite(slq.std_error):
+    failed = lam_err > 1e-8 or abs(z) > 3 or moment_gap > 1e-8 * abs(slq.value) or not math.isfinite(slq.std_error)
+    layer_traces = 0.0
+    for block in report.blocks:  # each layer's Hessian on its own: HessianOperator(params=...)
+        H_b = curvature.HessianOperator(model, loss_fn, data, params=block.params)
+        v0 = np.random.default_rng(0).standard_normal(block.num_params)
+        arpack = float(eigsh(H_b.to_scipy(), k=1, which="LA", v0=v0, tol=1e-12, return_eigenvectors=False)[0])
+        exact_b = curvature.trace(H_b, method="exact")
+        layer_traces += exact_b.value
+        z_b = (block.trace.value - exact_b.value) / block.trace.std_error
+        print(f"  layer {block.name!r} ({block.num_params} parameters): lambda_max {block.lambda_max:.10f}, ARPACK "
+              f"{arpack:.10f}; trace {block.trace.value:.6f} ± {block.trace.std_error:.2g}, exact "
+              f"{exact_b.value:.6f}: {z_b:+.2f} standard errors")
+        failed |= abs(block.lambda_max - arpack) > 1e-6 * abs(arpack) or abs(z_b) > 3  # tol=1e-6
+    print(f"  the layers' exact traces add up to {layer_traces:.10f}, the exact trace is {exact.value:.10f}")
+    if failed or abs(layer_traces - exact.value) > 1e-10 * abs(exact.value):
         raise SystemExit("a check failed")
 
 

@@ -312,6 +312,13 @@ ERRORS = {
                           "the loss does not fit"),
     "out_is_a_file": (["--out", "{dir}/a_file"], "exists and is not a directory"),
     "unknown_option": (["--lambda"], "unrecognized arguments: --lambda"),
+    "block_malformed": (["--block", "hidden"], "--block expects NAME=SEL[,SEL...] (parameter or module names), got "
+                                               "'hidden'"),
+    "block_twice": (["--block", "a=0", "--block", "a=2"], "--block names the block 'a' twice"),
+    "per_layer_and_block": (["--per-layer", "--block", "a=0"], "--per-layer and --block both choose the blocks"),
+    "per_layer_without_its_metrics": (["--per-layer", "--metrics", "density"],
+                                      "--per-layer measures lambda_max and the trace of each block, and --metrics "
+                                      "asks for neither"),
 }
 if not torch.cuda.is_available():
     ERRORS["cuda_unavailable"] = (["--device", "cuda"], "CUDA is not available")
@@ -462,3 +469,64 @@ def test_a_shuffled_loader_is_measured_and_one_dropping_samples_refused(
     assert main([*argv, "--data", f"{files['data']}:shuffled_dropping_loader", "--out", str(tmp_path / "b")]) == 2
     error = capsys.readouterr().err
     assert "shuffling DataLoader with drop_last=True" in error and "shuffle=False" in error
+
+
+# -- the per-layer table: --per-layer and --block ------------------------------------------------------------
+
+
+def user_model_and_data(files: dict[str, Path]) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """The user files' model with the weights of model.pt, and its data, in float64."""
+    model = runpy.run_path(str(files["model"]))["make_model"]().double().eval()
+    model.load_state_dict(torch.load(files["dir"] / "model.pt", weights_only=True))
+    x, y = runpy.run_path(str(files["data"]))["inputs_targets"]()
+    return model, (x.double(), y)
+
+
+@pytest.mark.parametrize("option", [["--per-layer"], ["--block", "hidden=0", "--block", "out=2.weight,2.bias",
+                                                       "--block", "all=0,2."]])
+def test_per_layer_table_matches_the_dense_blocks(option: list[str], tmp_path: Path, files: dict[str, Path],
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """Each row of the table, on the console and in report.json, is the dense Hessian's diagonal block."""
+    out = tmp_path / "out"
+    assert main(["report", "--model", f"{files['model']}:make_model", "--data", f"{files['data']}:inputs_targets",
+                 "--checkpoint", str(files["dir"] / "model.pt"), "--dtype", "float64", "--tol", "1e-8",
+                 "--metrics", "lambda_max,trace", "--quiet", "--out", str(out), *option]) == 0
+    stdout = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    names = ["0", "2"] if option == ["--per-layer"] else ["hidden", "out", "all"]
+    params = {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"], "hidden": ["0.weight", "0.bias"],
+              "out": ["2.weight", "2.bias"], "all": ["0.weight", "0.bias", "2.weight", "2.bias"]}
+    assert [row["name"] for row in report["blocks"]] == names
+    assert report["run"]["blocks"] == ("modules" if option == ["--per-layer"] else
+                                       {"hidden": ["0"], "out": ["2.weight", "2.bias"], "all": ["0", "2."]})
+    assert "\nPer block: the Hessian in each block's parameters alone" in stdout
+    table = stdout.split("Per block")[1].splitlines()[3:]
+    assert [line.split()[0] for line in table] == [*names, "total"]
+
+    model, data = user_model_and_data(files)
+    dense = curvature.reference.hessian_matrix(model, nn.CrossEntropyLoss(), data)
+    sizes = {"0.weight": 32, "0.bias": 8, "2.weight": 24, "2.bias": 3}
+    starts = dict(zip(sizes, [0, 32, 40, 64]))
+    for row in report["blocks"]:
+        assert row["params"] == params[row["name"]]
+        index = torch.cat([torch.arange(starts[n], starts[n] + sizes[n]) for n in row["params"]])
+        block = dense[index][:, index]
+        assert row["num_params"] == index.numel() and row["converged"]
+        assert row["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(block)[-1]), rel=1e-6)
+        assert row["trace"]["std_error"] == 0 and row["trace"]["num_matvecs"] == index.numel()  # at most 100
+        assert row["trace"]["value"] == pytest.approx(float(block.trace()), rel=1e-10)
+    counts = report["num_matvecs"]
+    assert counts["blocks"] == sum(row["num_matvecs"] for row in report["blocks"])
+    assert counts["total"] == counts["eigenvalues"] + counts["trace"] + counts["blocks"]
+
+
+@pytest.mark.parametrize("option, fragment", [
+    (["--block", "enc=encoder"], "--block: blocks['enc'] names 'encoder', which is neither a parameter nor a module "
+                                 "of the model; its modules with parameters are ['0', '2']"),
+    (["--block", "act=1"], "--block: blocks['act'] names the module '1' (Tanh), which has no parameters"),
+])
+def test_a_block_the_model_lacks_is_refused_before_any_work(option: list[str], fragment: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """On the built-in model: refused before training, with sharpness's message under the option's name."""
+    one_line_error_before_any_work(capsys, ["report", *option, "--out", str(tmp_path / "out")], fragment)
+    assert not (tmp_path / "out").exists()

@@ -34,6 +34,8 @@ def test_operators_digits_example() -> None:
 def test_sharpness_example(tmp_path: Path) -> None:
     stdout = run_example("sharpness.py", "--out", str(tmp_path))
     assert "Sharpness report: hessian, P = 2410" in stdout
+    assert "Per block: the Hessian in each block's parameters alone" in stdout
+    assert "the layers' exact traces add up to" in stdout
     assert (tmp_path / "density.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "report.json").read_text())["num_params"] == 2410
 

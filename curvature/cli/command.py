@@ -14,13 +14,13 @@ from torch import nn
 from .. import __version__
 from ..operators.data import is_single_batch
 from ..operators.losses import resolve_reduction
-from ..sharpness import SharpnessReport, sharpness
+from ..sharpness import SharpnessReport, parameter_blocks, sharpness
 from .device import _cast, _CastBatches, resolve_device
 from .digits import BUILTIN_DATA, BUILTIN_MODEL, DEFAULT_EPOCHS, _accuracy, _builtin_model, _digits, _train
 from .errors import UsageError, _one_line
 from .fit import _check_fit
 from .loading import load_checkpoint, load_data, load_model
-from .parser import DTYPES, LOSSES, _check_combination, _parse_metrics, build_parser
+from .parser import DTYPES, LOSSES, _check_combination, _parse_blocks, _parse_metrics, build_parser
 from .report import _check_out, _Console, _write
 
 __all__ = ["main"]
@@ -92,11 +92,13 @@ def _run_report(args: argparse.Namespace, argv: list[str]) -> int:
     metrics = _parse_metrics(args.metrics)
     device = resolve_device(args.device)
     _check_combination(args)
+    blocks = _parse_blocks(args, metrics)
     _check_out(args.out)
     torch.manual_seed(args.seed)
     loaded = _load(args, argv, device)
+    _check_blocks(loaded.model, blocks, args)
     _prepare(loaded, args, device, console, hide_bars)
-    report = _measure(loaded, args, metrics, device, hide_bars)
+    report = _measure(loaded, args, metrics, blocks, device, hide_bars)
     console.report(report)
     written = _write(report, loaded.run, args.out, start_all)
     console.written(written, loaded.run["seconds"])
@@ -145,6 +147,14 @@ def _choose_loss(
     return nn.CrossEntropyLoss(), "cross_entropy"
 
 
+def _check_blocks(model: nn.Module, blocks: str | dict[str, list[str]] | None, args: argparse.Namespace) -> None:
+    """Refuse ``--block`` names that are not the model's, before any training or measurement."""
+    try:
+        parameter_blocks(model, blocks)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"{'--per-layer' if args.per_layer else '--block'}: {_one_line(str(error))}") from error
+
+
 def _prepare(
     loaded: _Loaded, args: argparse.Namespace, device: torch.device, console: _Console, hide_bars: bool
 ) -> None:
@@ -171,17 +181,21 @@ def _prepare(
 
 
 def _measure(
-    loaded: _Loaded, args: argparse.Namespace, metrics: tuple[str, ...], device: torch.device, hide_bars: bool
+    loaded: _Loaded, args: argparse.Namespace, metrics: tuple[str, ...], blocks: str | dict[str, list[str]] | None,
+    device: torch.device, hide_bars: bool,
 ) -> SharpnessReport:
     """Run :func:`curvature.sharpness` with the options, seeded by ``--seed``; record them in the run section."""
     loaded.run.update(dtype=args.dtype, device=str(device), seed=args.seed, operator=args.operator,
                       metrics=list(metrics), top_k=args.top_k, tol=args.tol, num_matvecs=args.num_matvecs,
                       density_probes=args.density_probes, density_steps=args.density_steps)
+    if blocks is not None:
+        loaded.run["blocks"] = blocks
     try:
         return sharpness(
             loaded.model, loaded.loss_fn, loaded.data, metrics=metrics, operator=args.operator, k=args.top_k,
             tol=args.tol, num_matvecs=args.num_matvecs, density_probes=args.density_probes,
             density_steps=args.density_steps, generator=torch.Generator().manual_seed(args.seed), quiet=hide_bars,
+            blocks=blocks,
         )
     except (ValueError, TypeError) as error:
         raise UsageError(_one_line(str(error))) from error

@@ -20,6 +20,7 @@ from .errors import UsageError
 __all__ = ["CONTRACTS", "DEFAULT_METRICS", "DTYPES", "LOSSES", "build_parser"]
 
 DEFAULT_METRICS = ("lambda_max", "top_k", "trace", "frobenius_norm", "density")
+BLOCK_METRICS = ("lambda_max", "top_k", "trace")  # any of them lets --per-layer and --block measure a block
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LOSSES: dict[str, Callable[[], nn.Module]] = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
 
@@ -42,6 +43,7 @@ density is measured; needs matplotlib) in --out. Exit status 0, or 2 with one li
 
 example:
   curvature report                                   # the built-in digits run
+  curvature report --per-layer                       # ... with lambda_max and trace of each layer
   curvature report --model net.py:make_model --data data.py:make_data --checkpoint net.pt \\
                    --metrics lambda_max,trace --device cuda --out runs/net
 """
@@ -148,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="probes of the spectral density (default 1)")
     measure.add_argument("--density-steps", type=_int_at_least(1), default=100, metavar="N",
                          help="Lanczos steps per density probe (default 100)")
+    measure.add_argument("--per-layer", action="store_true",
+                         help="add a per-layer table: lambda_max and trace of the curvature of each module's own "
+                         "parameters alone (its diagonal block), as --metrics asks for them")
+    measure.add_argument("--block", action="append", metavar="NAME=SEL[,SEL...]",
+                         help="a block of your own for that table instead: parameter or module names (a module "
+                         "takes every parameter under it); repeat for several blocks, e.g. --block "
+                         "hidden=0 --block out=2.weight,2.bias")
     run = report.add_argument_group("run")
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default: cpu)")
     run.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
@@ -176,3 +185,35 @@ def _check_combination(args: argparse.Namespace) -> None:
                          "yourself and pass --checkpoint).")
     if builtin and args.checkpoint is not None and args.epochs is not None:
         raise UsageError("--checkpoint replaces the training of the built-in model; leave out --epochs.")
+
+
+def _parse_blocks(args: argparse.Namespace, metrics: tuple[str, ...]) -> str | dict[str, list[str]] | None:
+    """The ``blocks=`` of :func:`curvature.sharpness` that ``--per-layer`` or ``--block`` ask for (None: neither).
+
+    Example:
+        >>> _parse_blocks(argparse.Namespace(per_layer=False, block=["hidden=0", "out=2.weight,2.bias"]),
+        ...               ("lambda_max",))
+        {'hidden': ['0'], 'out': ['2.weight', '2.bias']}
+    """
+    if args.per_layer and args.block:
+        raise UsageError("--per-layer and --block both choose the blocks of the table: one block per module, or "
+                         "yours; pass one of them.")
+    if not args.per_layer and not args.block:
+        return None
+    option = "--per-layer" if args.per_layer else "--block"
+    if not set(BLOCK_METRICS) & set(metrics):
+        raise UsageError(f"{option} measures lambda_max and the trace of each block, and --metrics asks for neither; "
+                         f"add lambda_max or trace to --metrics.")
+    if args.per_layer:
+        return "modules"
+    blocks: dict[str, list[str]] = {}
+    for value in args.block:
+        name, equals, selection = value.partition("=")
+        names = [part.strip() for part in selection.split(",") if part.strip()]
+        if not equals or not name.strip() or not names:
+            raise UsageError(f"--block expects NAME=SEL[,SEL...] (parameter or module names), got {value!r}; e.g. "
+                             "--block hidden=0 or --block out=2.weight,2.bias.")
+        if name.strip() in blocks:
+            raise UsageError(f"--block names the block {name.strip()!r} twice; give each block one --block.")
+        blocks[name.strip()] = names
+    return blocks
