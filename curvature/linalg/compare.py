@@ -43,12 +43,12 @@ class Comparison:
         lambda_max_ratio: ``λ_max(A) / λ_max(B)``, from the largest eigenvalue of each (``eigen_a.values[0] /
             eigen_b.values[0]``); its relative error is at most about ``tol`` for each eigenvalue.
         overlap: The overlap of the two top-``k`` eigenspaces, :math:`\|U_A^\top U_B\|_F^2 / k =
-            \frac1k \sum_i \cos^2 \theta_i \in [0, 1]` (:func:`~curvature.linalg.subspace.subspace_overlap`
+            \frac1k \sum_i \cos^2 \theta_i \in [0, 1]` (:func:`~curvature.subspace_overlap`
             with ``reduce="subspace"``): 1 when they coincide, ``k / P`` for random subspaces.
         angles: The ``k`` principal angles between the two top-``k`` eigenspaces, ascending, in radians
-            (float64, on the CPU), :func:`~curvature.linalg.subspace.principal_angles`.
+            (float64, on the CPU), :func:`~curvature.principal_angles`.
         eigen_a: The top ``k`` eigenpairs of ``A`` (``which="largest"``), an
-            :class:`~curvature.linalg.eigen.EigenResult` with its error bounds.
+            :class:`~curvature.EigenResult` with its error bounds.
         eigen_b: The top ``k`` eigenpairs of ``B``.
         num_probes: The probes shared by the two operators for the distance and the trace ratio: ``num_matvecs``,
             or ``P`` when they were the identity columns (exact).
@@ -92,9 +92,9 @@ def compare(
     divide by it. Checking an approximation is ``compare(approximation, exact)``: K-FAC or EK-FAC against the
     GGN or Fisher it approximates (Martens & Grosse 2015, "Optimizing neural networks with Kronecker-factored
     approximate curvature", ICML; George et al. 2018, "Fast approximate natural gradient descent in a Kronecker
-    factored eigenbasis", NeurIPS), a Monte-Carlo or empirical Fisher against the Fisher (Kunstner, Hennig &
-    Balles 2019, "Limitations of the empirical Fisher approximation for natural gradient descent", NeurIPS),
-    the GGN against the Hessian.
+    factored eigenbasis", NeurIPS), a Monte-Carlo or empirical Fisher against the Fisher (Kunstner, Balles &
+    Hennig 2019, "Limitations of the empirical Fisher approximation for natural gradient descent", NeurIPS,
+    arXiv:1905.12558), the GGN against the Hessian.
 
     **Distance and trace ratio, with shared probes.** The same ``m`` probes ``Ω = [ω_1 … ω_m]``
     (``E ωωᵀ = I``) are multiplied by both operators, and per probe
@@ -105,7 +105,7 @@ def compare(
         s_i = \omega_i^\top A \omega_i,\quad t_i = \omega_i^\top B \omega_i,
 
     unbiased for ``‖A − B‖_F² = tr((A − B)ᵀ(A − B))``, ``‖B‖_F²``, ``tr(A)`` and ``tr(B)`` (Hutchinson's
-    estimator, as in :func:`~curvature.linalg.trace.frobenius_norm` and :func:`~curvature.linalg.trace.trace`).
+    estimator, as in :func:`~curvature.frobenius_norm` and :func:`~curvature.trace`).
     The estimates are ratios of means,
 
     .. math::
@@ -140,7 +140,7 @@ def compare(
     resolved below the rounding of the products, about ``u ‖A‖`` per entry for the unit roundoff ``u`` of the
     operators' dtype, which the standard error (statistical only) does not include.
 
-    **Top eigenspaces.** :func:`~curvature.linalg.eigen.eigenvalues` finds the ``k`` largest eigenpairs of
+    **Top eigenspaces.** :func:`~curvature.eigenvalues` finds the ``k`` largest eigenpairs of
     each to the relative eigenvalue error ``tol``, both from the same random start vector (so that ``A = B``
     gives the same vectors). From the eigenvectors ``U_A, U_B``:
     ``overlap = ‖U_Aᵀ U_B‖_F² / k = (1/k) Σ cos² θ_i`` and the principal angles ``θ_i`` (Björck & Golub 1973),
@@ -161,11 +161,11 @@ def compare(
         op_b: The reference operator, of the same shape, dtype and device.
         k: The dimension of the top eigenspaces compared (at most ``P``).
         num_matvecs: The shared probes ``m`` (at least 2, for a standard error).
-        tol: The relative error of each eigenvalue (:func:`~curvature.linalg.eigen.eigenvalues`).
+        tol: The relative error of each eigenvalue (:func:`~curvature.eigenvalues`).
         generator: The source of the probes and of the start vector; None draws from a copy of torch's global
             generator without advancing it (:func:`curvature.sampling.resolve_generator`).
         max_matvecs: The product budget of each eigenvalue run (default that of
-            :func:`~curvature.linalg.eigen.eigenvalues`).
+            :func:`~curvature.eigenvalues`).
         distribution: ``"rademacher"`` or ``"gaussian"`` probes.
 
     Returns:
@@ -181,7 +181,7 @@ def compare(
     Warns:
         RuntimeWarning: When a ratio's denominator (``‖B‖_F²`` or ``tr(B)``) is estimated to worse than ±20%,
             so that the ratio's standard error is unreliable (above), or when an eigenvalue run does not reach
-            ``tol`` (from :func:`~curvature.linalg.eigen.eigenvalues`; ``converged`` is then False).
+            ``tol`` (from :func:`~curvature.eigenvalues`; ``converged`` is then False).
 
     Example:
         A diagonal matrix against a perturbation of it: with ``num_matvecs ≥ P`` everything is exact.
@@ -260,9 +260,9 @@ def _shared_estimates(a: Operand, b: Operand, blocks: Iterator[torch.Tensor],
                       exact: bool) -> tuple[float, float, float, float, dict[str, float]]:
     """The distance, the trace ratio and their standard errors from the products of both operators with ``blocks``.
 
-    Also returns the relative standard errors of the two denominators' means (by name, for
-    :func:`_warn_unreliable`; empty when exact). Everything is reduced on the device and read in one transfer, with both operators' finiteness
-    flags. A zero denominator gives ``±inf`` (NaN for ``0/0``) and a NaN standard error.
+    Also returns the relative standard errors of the two denominators' means (by name, for ``_warn_unreliable``;
+    empty when exact). Everything is reduced on the device and read in one transfer, with both operators'
+    finiteness flags. A zero denominator gives ``±inf`` (NaN for ``0/0``) and a NaN standard error.
     """
     d, bb, s, t = [], [], [], []
     for Om in blocks:

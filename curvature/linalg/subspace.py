@@ -68,8 +68,9 @@ def orthonormal_basis(vectors: torch.Tensor, rtol: float | None = None) -> torch
     From the thin SVD :math:`V = U \Sigma W^\top`: the columns of ``U`` whose singular value exceeds
     ``rtol · σ_max`` (default ``max(P, k) · ε`` of the dtype, numpy's ``matrix_rank`` rule), so that dependent
     or zero columns do not add directions that are only rounding. Computed in at least float64 for float32 and
-    lower inputs' accuracy, returned in the input's dtype (:func:`subspace_overlap` and :func:`principal_angles`
-    keep the float64 basis, so that the basis of float32 columns is not rounded again).
+    lower inputs' accuracy, returned in the input's dtype (:func:`~curvature.subspace_overlap` and
+    :func:`~curvature.principal_angles` keep the float64 basis, so that the basis of float32 columns is not
+    rounded again).
 
     Args:
         vectors: A ``(P,)`` vector or ``(P, k)`` columns.
