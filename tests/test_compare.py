@@ -389,7 +389,6 @@ def test_registry_standard_errors_are_calibrated() -> None:
     assert 0.7 <= float(z.std()) <= 1.3, message
     assert warned <= 0.15, message
     assert sum(outside) >= 0.75 * len(outside), message
-    print(message)
 
 
 @pytest.mark.parametrize("case_name", ["mlp_tanh_ce_mean", "cnn_ce_mean"])
