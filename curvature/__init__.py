@@ -8,12 +8,14 @@ from importlib import metadata as _metadata
 from . import compat, optim, pruning, reference, regularizers, sampling
 from ._func import ggn_vp, hvp
 from .linalg import (
+    Comparison,
     EigenResult,
     Estimate,
     LanczosResult,
     PrecisionWarning,
     SolveResult,
     SpectralDensity,
+    compare,
     diagonal,
     eigenvalues,
     frobenius_norm,
@@ -51,6 +53,7 @@ except _metadata.PackageNotFoundError:  # a source tree on sys.path that was nev
 
 __all__ = [
     "METRICS",
+    "Comparison",
     "CurvatureOperator",
     "EKFACOperator",
     "EigenResult",
@@ -70,6 +73,7 @@ __all__ = [
     "SharpnessReport",
     "SolveResult",
     "SpectralDensity",
+    "compare",
     "compat",
     "diagonal",
     "eigenvalues",

@@ -61,6 +61,15 @@ def test_kfac_digits_example(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_compare_approximations_example() -> None:
+    stdout = run_example("compare_approximations.py")
+    for name in ("K-FAC", "EK-FAC", "MC Fisher (1 sample)", "empirical Fisher", "GGN                   Hessian"):
+        assert name in stdout
+    assert "check: the GGN's top-10 eigenspace is nearly the Hessian's (overlap > 0.9): True" in stdout
+    assert "check: the empirical Fisher's trace is below half the GGN's: True" in stdout
+
+
+@pytest.mark.slow
 def test_flat_minima_example() -> None:
     stdout = run_example("flat_minima.py")
     for name in ("SGD", "SAM (rho=0.05)", "ASAM (rho=0.5)", "grad-norm reg. (gamma=0.5)", "trace penalty (beta=0.01)"):

@@ -11,20 +11,55 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_scalar
+
 __all__ = ["orthonormal_basis", "principal_angles", "subspace_overlap"]
 
 
 def _as_columns(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` as columns ``(P, k)``: a real floating-point vector or matrix with ``P ≥ 1``, else an error."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor (a vector of shape (P,) or columns of shape (P, k)), got "
                         f"{type(x).__name__}.")
-    if x.dim() == 1:
-        return x.unsqueeze(1)
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be a vector (P,) or a matrix of columns (P, k), got shape {tuple(x.shape)}.")
-    if not (x.is_floating_point() or x.is_complex()):
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}.")
-    return x
+    if x.dim() not in (1, 2) or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a vector (P,) or a matrix of columns (P, k) with P ≥ 1, got shape "
+                         f"{tuple(x.shape)}.")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a real floating-point tensor, got {x.dtype}"
+                        f"{'; pass the real and imaginary parts as separate columns' if x.is_complex() else ''}.")
+    return x.unsqueeze(1) if x.dim() == 1 else x
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf; check where the vectors come from.")
+
+
+def _check_pair(A: torch.Tensor, B: torch.Tensor, a: str, b: str) -> None:
+    """Two sets of columns that can be compared: the same length ``P``, one device, finite entries."""
+    if A.shape[0] != B.shape[0]:
+        raise ValueError(f"{a} and {b} must have the same length P, got {A.shape[0]} and {B.shape[0]}.")
+    if A.device != B.device:
+        raise ValueError(f"{a} is on {A.device} but {b} is on {B.device}; move one of them, e.g. {b}.to({a}.device).")
+    _check_finite(A, a)
+    _check_finite(B, b)
+
+
+def _basis(V: torch.Tensor, rtol: float | None = None, orthonormal: bool = False) -> torch.Tensor:
+    """An orthonormal basis of ``span V`` in float64 (at least): :func:`orthonormal_basis` before its final cast.
+
+    Kept in float64 for the callers here, so that the basis of float32 columns is not rounded back to float32
+    (which would put angles of about 1e-8 between two copies of the same direction).
+    """
+    work = V.to(torch.promote_types(V.dtype, torch.float64))
+    if orthonormal:
+        return work
+    U, s, _ = torch.linalg.svd(work, full_matrices=False)
+    if rtol is None:
+        rtol = max(V.shape) * torch.finfo(V.dtype).eps
+    if s.numel() == 0 or float(s[0]) == 0:
+        return U[:, :0]
+    return U[:, s > rtol * s[0]]
 
 
 def orthonormal_basis(vectors: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
@@ -33,22 +68,29 @@ def orthonormal_basis(vectors: torch.Tensor, rtol: float | None = None) -> torch
     From the thin SVD :math:`V = U \Sigma W^\top`: the columns of ``U`` whose singular value exceeds
     ``rtol · σ_max`` (default ``max(P, k) · ε`` of the dtype, numpy's ``matrix_rank`` rule), so that dependent
     or zero columns do not add directions that are only rounding. Computed in at least float64 for float32 and
-    lower inputs' accuracy, returned in the input's dtype.
+    lower inputs' accuracy, returned in the input's dtype (:func:`~curvature.subspace_overlap` and
+    :func:`~curvature.principal_angles` keep the float64 basis, so that the basis of float32 columns is not
+    rounded again).
 
     Args:
         vectors: A ``(P,)`` vector or ``(P, k)`` columns.
-        rtol: The relative singular-value threshold; None for the default.
+        rtol: The relative singular-value threshold in ``[0, 1)``; None for the default.
 
     Returns:
         ``(P, r)`` orthonormal columns; ``r = 0`` (shape ``(P, 0)``) when every column is zero.
+
+    Raises:
+        TypeError: If ``vectors`` is not a real floating-point tensor.
+        ValueError: If it is not ``(P,)`` or ``(P, k)`` with ``P ≥ 1``, holds NaN or Inf, or ``rtol`` is out of
+            range.
     """
     V = _as_columns(vectors, "vectors")
-    work = V.to(torch.float64) if V.dtype in (torch.float16, torch.bfloat16, torch.float32) else V
-    U, s, _ = torch.linalg.svd(work, full_matrices=False)
-    if rtol is None:
-        rtol = max(V.shape) * torch.finfo(V.dtype).eps
-    keep = s > rtol * (s[0] if s.numel() else 0) if s.numel() and float(s[0]) > 0 else torch.zeros_like(s, dtype=bool)
-    return U[:, keep].to(V.dtype)
+    _check_finite(V, "vectors")
+    if rtol is not None:
+        rtol = check_scalar(rtol, "rtol")
+        if not 0 <= rtol < 1:
+            raise ValueError(f"rtol must be in [0, 1) (a fraction of the largest singular value), got {rtol}.")
+    return _basis(V, rtol).to(V.dtype)
 
 
 def subspace_overlap(vectors: torch.Tensor, basis: torch.Tensor, *, orthonormal: bool = False,
@@ -78,8 +120,9 @@ def subspace_overlap(vectors: torch.Tensor, basis: torch.Tensor, *, orthonormal:
         overlap NaN (no direction to measure).
 
     Raises:
-        ValueError: On shapes that do not match (different ``P``), or an unknown ``reduce``.
-        TypeError: On an argument that is not a floating-point tensor.
+        ValueError: On shapes that do not match (different ``P``), arguments on different devices, NaN or Inf
+            entries, or an unknown ``reduce``.
+        TypeError: On an argument that is not a real floating-point tensor.
 
     Example:
         >>> basis = torch.eye(4, dtype=torch.float64)[:, :2]
@@ -90,17 +133,15 @@ def subspace_overlap(vectors: torch.Tensor, basis: torch.Tensor, *, orthonormal:
         raise ValueError(f"reduce must be 'none' (one overlap per vector) or 'subspace', got {reduce!r}.")
     V = _as_columns(vectors, "vectors")
     B = _as_columns(basis, "basis")
-    if V.shape[0] != B.shape[0]:
-        raise ValueError(f"vectors and basis must have the same length P, got {V.shape[0]} and {B.shape[0]}.")
-    if B.device != V.device:
-        raise ValueError(f"vectors are on {V.device} but basis is on {B.device}; move one of them.")
-    Q = B.to(torch.float64) if orthonormal else orthonormal_basis(B).to(torch.float64)
+    _check_pair(V, B, "vectors", "basis")
+    Q = _basis(B, orthonormal=orthonormal)
     if reduce == "subspace":
-        Qv = orthonormal_basis(V).to(torch.float64)
+        Qv = _basis(V)
         if Qv.shape[1] == 0:
             return torch.tensor(float("nan"), dtype=torch.float64, device=V.device)
         return (Q.T @ Qv).pow(2).sum() / Qv.shape[1]
-    V64 = V.to(torch.float64)
+    V64 = V.to(Q.dtype)
+    V64 = V64 / V64.abs().amax(0)  # scaled to max |v_i| = 1: no square under- or overflows (a zero column: NaN)
     result = (Q.T @ V64).pow(2).sum(0) / V64.pow(2).sum(0)
     return result[0] if vectors.dim() == 1 else result
 
@@ -124,7 +165,8 @@ def principal_angles(a: torch.Tensor, b: torch.Tensor, *, orthonormal: bool = Fa
         ``min(r_a, r_b)`` angles (float64), ``r`` the ranks of the two sets of columns.
 
     Raises:
-        ValueError: On different lengths ``P``.
+        ValueError: On different lengths ``P``, arguments on different devices, or NaN or Inf entries.
+        TypeError: On an argument that is not a real floating-point tensor.
 
     Example:
         >>> e = torch.eye(3, dtype=torch.float64)
@@ -132,10 +174,8 @@ def principal_angles(a: torch.Tensor, b: torch.Tensor, *, orthonormal: bool = Fa
         [0.0, 1.5707963267948966]
     """
     A, B = _as_columns(a, "a"), _as_columns(b, "b")
-    if A.shape[0] != B.shape[0]:
-        raise ValueError(f"a and b must have the same length P, got {A.shape[0]} and {B.shape[0]}.")
-    Qa = (A if orthonormal else orthonormal_basis(A)).to(torch.float64)
-    Qb = (B if orthonormal else orthonormal_basis(B)).to(torch.float64)
+    _check_pair(A, B, "a", "b")
+    Qa, Qb = _basis(A, orthonormal=orthonormal), _basis(B, orthonormal=orthonormal)
     if Qa.shape[1] < Qb.shape[1]:
         Qa, Qb = Qb, Qa
     r = Qb.shape[1]
