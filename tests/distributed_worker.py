@@ -91,6 +91,9 @@ def results(case: dict[str, Any], data: Any, **kwargs: Any) -> dict[str, torch.T
     P = H.shape[0]
     V = torch.randn(P, 3, generator=generator(1), dtype=H.dtype)
     out = {"H@V": H @ V, "H@v": H @ V[:, 0], "G@V": G @ V}
+    kept = curvature.HessianOperator(model, loss_fn, data, keep_graph=True, **kwargs)
+    kept @ V[:, 0]  # builds the graphs, which hold each batch's gradient
+    out["gradient"], out["gradient from kept graphs"] = G.gradient(), kept.gradient()
     if case["likelihood"]:
         out["F@V"] = curvature.FisherOperator(model, loss_fn, data, **kwargs) @ V
     if name_of(case) != "tied_dict_inputs_ce_sum":  # K-FAC and EK-FAC: the factors' statistics all-reduced
