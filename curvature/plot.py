@@ -76,31 +76,44 @@ def plot_history(
     path: str | Path,
     lines: dict[str, float] | None = None,
     title: str | None = None,
+    lower: dict[str, list[float]] | None = None,
+    lower_label: str | None = None,
 ) -> Path:
     """Plot tracked values against the training step, with optional horizontal reference lines, and save it.
 
     Args:
         steps: The steps of the measurements.
-        series: Label to values (one per step).
+        series: Label to values (one per step; NaN leaves a gap).
         path: The output file; its suffix picks the format (``.png``).
         lines: Label to the value of a horizontal reference line (e.g. the stability edge ``2/η``).
         title: The figure title.
+        lower: Series of another scale (overlaps in ``[0, 1]``), drawn in a second panel below, same steps.
+        lower_label: The y label of that panel.
 
     Returns:
         The path written.
     """
-    fig = _figure((7, 4))
-    ax = fig.add_subplot()
+    fig = _figure((7, 6.5) if lower else (7, 4))
+    ax = fig.add_subplot(2, 1, 1) if lower else fig.add_subplot()
     for label, values in series.items():
         ax.plot(steps, values, label=label)
     for label, value in (lines or {}).items():
         ax.axhline(value, linestyle="--", color="gray", linewidth=1)
         ax.annotate(label, (steps[-1] if steps else 0, value), textcoords="offset points", xytext=(-30, 4),
                     color="gray")
-    ax.set_xlabel("training step")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    axes = [ax]
+    if lower:
+        below = fig.add_subplot(2, 1, 2, sharex=ax)
+        for label, values in lower.items():
+            below.plot(steps, values, marker=".", label=label)
+        below.set_ylim(-0.02, 1.02)
+        if lower_label:
+            below.set_ylabel(lower_label)
+        axes.append(below)
+    for each in axes:
+        each.legend()
+        each.grid(alpha=0.3)
+    axes[-1].set_xlabel("training step")
     if title:
         ax.set_title(title)
     return _save(fig, path)
-

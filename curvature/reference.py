@@ -27,7 +27,7 @@ from ._func import model_outputs
 from .operators.curvature import select_parameters
 from .operators.data import Data, to_device
 
-__all__ = ["REFERENCES", "empirical_fisher", "fisher", "ggn", "hessian_matrix"]
+__all__ = ["REFERENCES", "empirical_fisher", "fisher", "ggn", "gradient", "hessian_matrix"]
 
 
 def _cat(parts: list[Any]) -> Any:
@@ -98,6 +98,16 @@ class _Setup:
         z = self.outputs(theta)
         y = self.targets
         return torch.stack([self.loss_fn(z[n:n + 1], None if y is None else _sample(y, n)) for n in range(z.shape[0])])
+
+
+def gradient(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: Any, params: Any = None) -> torch.Tensor:
+    r"""The gradient :math:`\nabla_\theta L` of the full-data loss, in float64.
+
+    What :meth:`curvature.CurvatureOperator.gradient` computes batch by batch; the arguments are those of
+    :func:`hessian_matrix`. Returns the ``(P,)`` float64 gradient.
+    """
+    s = _Setup(model, loss_fn, data, params)
+    return grad(s.loss)(s.theta)
 
 
 def hessian_matrix(

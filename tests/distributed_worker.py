@@ -94,6 +94,9 @@ def results(case: dict[str, Any], data: Any, **kwargs: Any) -> dict[str, torch.T
     if G.has_exact_diagonal:  # the structured diagonals: one all-reduce of the ranks' sums
         out["diag G"] = G.diagonal()
     out["diag E"] = curvature.EmpiricalFisherOperator(model, loss_fn, data, **kwargs).diagonal()
+    kept = curvature.HessianOperator(model, loss_fn, data, keep_graph=True, **kwargs)
+    kept @ V[:, 0]  # builds the graphs, which hold each batch's gradient
+    out["gradient"], out["gradient from kept graphs"] = G.gradient(), kept.gradient()
     if case["likelihood"]:
         out["F@V"] = curvature.FisherOperator(model, loss_fn, data, **kwargs) @ V
     if name_of(case) != "tied_dict_inputs_ce_sum":  # K-FAC and EK-FAC: the factors' statistics all-reduced

@@ -1,8 +1,8 @@
 """Data-parallel curvature over torch.distributed: 2 and 3 gloo processes on loopback equal one process.
 
 Each world size spawns its processes once (``distributed_worker.worker``); every rank computes H@V, GGN@V,
-Fisher@V, eigenvalues, a trace estimate and the SLQ density of every registry case over its uneven shard
-(with three ranks one shard is empty), and the error cases. Here one process computes the same over the
+Fisher@V, the loss gradient, eigenvalues, a trace estimate and the SLQ density of every registry case over its
+uneven shard (with three ranks one shard is empty), and the error cases. Here one process computes the same over the
 union of the shards; float64 results must agree to 1e-10 on every rank.
 """
 

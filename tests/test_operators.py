@@ -72,6 +72,24 @@ def test_strategies_agree(kind: str, keep_graph: bool, vectorize: bool, case: di
     assert rel_err(columns, expected) <= 1e-12
 
 
+@PAIRS
+@pytest.mark.parametrize("keep_graph", [True, False])
+def test_gradient_matches_dense_reference_and_spends_no_product(kind: str, keep_graph: bool, case: dict) -> None:
+    """The loss gradient over the data, weighted like the loss (not like the empirical Fisher's products), in
+    float64 to 1e-10, read from the Hessian's kept graphs or computed by a pass; no product counted, model kept."""
+    model = case["model"]
+    expected = curvature_reference.gradient(model, case["loss_fn"], case["data"])  # (a DataLoader draws its seed)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = snapshot(model)
+    op = _build(kind, case, keep_graph=keep_graph)
+    assert rel_err(op.gradient(), expected) <= 1e-10
+    op @ torch.ones(op.shape[0], dtype=op.dtype)  # builds the kept graphs: the gradient is then read from them
+    assert rel_err(op.gradient(), expected) <= 1e-10
+    assert op.num_matvecs == 1
+    assert_unchanged(model, before)
+
+
 def test_loader_equals_full_batch() -> None:
     """Batch size 7 over 100 samples gives the operator of one full batch (the uneven batch weighted right)."""
     torch.manual_seed(0)

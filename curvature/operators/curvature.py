@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -287,16 +287,24 @@ class CurvatureOperator(_ModelTracking, _BatchValidation, LinearOperator):
     def _kept_contexts(self) -> Iterable[tuple[Any, float]]:
         return self._graphs.contexts(self._fingerprint(), self._build_contexts)
 
+    def _fresh_batches(self) -> Iterator[tuple[int, Any, Any, list[torch.Tensor]]]:
+        """Each non-empty batch of a pass over the data, prepared: ``(index, inputs, targets, fresh leaves)``.
+
+        The pass is counted (``Data.count_pass``) when it is complete.
+        """
+        batches = 0
+        for index, batch in enumerate(self._data):
+            if batch_size(batch[0]) == 0:  # an empty batch adds nothing
+                continue
+            inputs, targets = self._prepare_batch(*batch)
+            batches += 1
+            yield index, inputs, targets, self._leaves()
+        self._data.count_pass(batches)
+
     def _build_contexts(self) -> Iterable[tuple[Any, float]]:
-        built = 0
         with self._rng_preserved():
-            for index, batch in enumerate(self._data):
-                if batch_size(batch[0]) == 0:  # an empty batch adds nothing
-                    continue
-                inputs, targets = self._prepare_batch(*batch)
-                yield self._context(index, inputs, targets, self._leaves())
-                built += 1
-        self._data.count_pass(built)
+            for index, inputs, targets, leaves in self._fresh_batches():
+                yield self._context(index, inputs, targets, leaves)
 
     def _batch_products(self, vs: list[torch.Tensor]) -> Iterable[tuple[list[torch.Tensor], float]]:
         """Yield each batch's curvature times ``vs`` with the batch's weight."""
@@ -309,12 +317,7 @@ class CurvatureOperator(_ModelTracking, _BatchValidation, LinearOperator):
 
     def _fresh_batch_products(self, vs: list[torch.Tensor]) -> Iterable[tuple[list[torch.Tensor], float]]:
         single = vs[0].shape[0] == 1
-        batches = 0
-        for index, batch in enumerate(self._data):
-            if batch_size(batch[0]) == 0:  # an empty batch adds nothing
-                continue
-            inputs, targets = self._prepare_batch(*batch)
-            leaves = self._leaves()
+        for index, inputs, targets, leaves in self._fresh_batches():
             fresh = self._fresh_product(leaves, inputs, targets, index, vs) if single else None
             if fresh is None:
                 ctx, weight = self._context(index, inputs, targets, leaves)
@@ -322,22 +325,22 @@ class CurvatureOperator(_ModelTracking, _BatchValidation, LinearOperator):
             else:
                 columns, outputs = fresh
                 weight = self._weight(targets, inputs, outputs)
-            batches += 1
             yield columns, weight
-        self._data.count_pass(batches)
 
     # -- the product ---------------------------------------------------------------------------------
-    def _local_sum(self, vs: list[torch.Tensor], k: int) -> tuple[torch.Tensor | None, float | None, float, int]:
-        """Sum this process's batch products: ``(sum, first_weight, weight_sum, batches)``.
+    def _local_sum(self, pairs: Iterable[tuple[list[torch.Tensor], float]],
+                   k: int) -> tuple[torch.Tensor | None, float | None, float, int]:
+        """Sum this process's weighted batch results: ``(sum, first_weight, weight_sum, batches)``.
 
-        The scaling is deferred: while ``first_weight`` is not None, ``sum`` is the first batch's product
-        still unscaled (one batch needs no scaling at all); ``sum`` is None for data without a batch.
+        ``pairs`` yields each batch's columns and weight (``_batch_products`` or ``_batch_gradients``). The
+        scaling is deferred: while ``first_weight`` is not None, ``sum`` is the first batch's product still
+        unscaled (one batch needs no scaling at all); ``sum`` is None for data without a batch.
         """
         total: torch.Tensor | None = None
         first_weight: float | None = None
         weight_sum, batches = 0.0, 0
         with torch.enable_grad():
-            for columns, weight in self._batch_products(vs):
+            for columns, weight in pairs:
                 # Products come out of autograd.grad without a graph: no no_grad() needed here.
                 flat = torch.cat([c.reshape(k, -1) for c in columns], dim=1) if len(columns) > 1 \
                     else columns[0].reshape(k, -1)
@@ -393,15 +396,25 @@ class CurvatureOperator(_ModelTracking, _BatchValidation, LinearOperator):
     def _product(self, V: torch.Tensor) -> torch.Tensor:
         k = V.shape[1]
         vs = [chunk.reshape(k, *shape) for chunk, shape in zip(V.T.split(self._sizes, dim=1), self._shapes)]
-        error: Exception | None = None
-        dtype = self._compute_dtype or self.dtype
         if self._shards is None:
             self._check_vector(V)
+        check = self._check_vector if self._shards is not None else None
+        return self._weighted_total(lambda: self._batch_products(vs), V, check, "the curvature product").T.contiguous()
+
+    def _weighted_total(self, pairs: Callable[[], Iterable[tuple[list[torch.Tensor], float]]], V: torch.Tensor,
+                        check: Callable[[torch.Tensor], None] | None, what: str) -> torch.Tensor:
+        """The weighted sum over the data of the batch results ``pairs()``, ``(k, P)``, normalized like the loss.
+
+        ``V`` (``(P, k)``) is what every rank of a process group must share (its digest is compared); ``check``
+        runs on it inside the error handling of a process group.
+        """
+        error: Exception | None = None
+        dtype = self._compute_dtype or self.dtype
         with float32_precision(self.device, dtype, self.allow_tf32), differentiable_attention():
             try:
-                if self._shards is not None:
-                    self._check_vector(V)
-                total, first_weight, weight_sum, batches = self._local_sum(vs, k)
+                if check is not None:
+                    check(V)
+                total, first_weight, weight_sum, batches = self._local_sum(pairs(), V.shape[1])
             except Exception as err:
                 if self._shards is None:
                     raise
@@ -414,11 +427,61 @@ class CurvatureOperator(_ModelTracking, _BatchValidation, LinearOperator):
             total = self._reduce(total, first_weight, weight_sum, batches, V, error)
         if self.verify:
             check_finite(
-                total, "the curvature product",
+                total, what,
                 "the loss or its derivatives are not finite at these parameters; check the data and the "
                 "model's outputs (a log of 0?), or compute in float64.",
             )
-        return total.T.contiguous()
+        return total
+
+    # -- the gradient --------------------------------------------------------------------------------
+    def gradient(self) -> torch.Tensor:
+        r"""The gradient of the loss over the whole data at the current parameters, as a flat vector ``(P,)``.
+
+        .. math:: g = \nabla_\theta L(\theta), \qquad L = \frac{\sum_b w_b L_b}{\sum_b w_b}
+
+        for a mean loss (each batch weighted by the loss's own count, as the operator weights its products;
+        ``L = Σ_b L_b`` for a summed one), over the selected parameters in flat-vector order, in the operator's
+        dtype. It costs one forward and one backward pass over the data and no product (``num_matvecs`` is
+        unchanged); the Hessian with ``keep_graph`` reads each batch's gradient from its kept graph instead,
+        without a pass once the graphs are built (by an earlier product at the same parameters). In a process
+        group the ranks' gradients are all-reduced once, as a product is. The model is left unchanged (its
+        ``.grad`` included).
+
+        Returns:
+            The gradient, ``(P,)``.
+
+        Raises:
+            ValueError: If the loss or its gradient is not finite (with ``verify``), or what a product raises
+                about the data.
+        """
+        self._sync_with_model()
+        shared = torch.zeros(self.shape[0], 1, dtype=self.dtype, device=self.device)  # the same on every rank
+        with autograd_enabled():
+            return self._weighted_total(self._batch_gradients, shared, None, "the gradient")[0]
+
+    def _batch_gradients(self) -> Iterable[tuple[list[torch.Tensor], float]]:
+        """Yield each batch's loss gradient (one ``(1, *shape)`` tensor per parameter) with the batch's loss weight.
+
+        One forward and one backward pass per batch; subclasses whose kept graphs hold the gradient override it.
+        """
+        with self._rng_preserved():
+            for index, inputs, targets, leaves in self._fresh_batches():
+                with torch.enable_grad():
+                    outputs = self._forward(f"batch {index} of data", self._state(leaves), inputs)
+                    self._check_batch(index, outputs, targets, inputs)
+                    loss = self._loss(outputs, targets, index)
+                    require_graph(loss, "the loss", outputs)
+                    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                yield self._gradient_columns(leaves, grads), self._loss_weight(targets, inputs, outputs.detach())
+
+    @staticmethod
+    def _gradient_columns(leaves: list[torch.Tensor], grads: Iterable[torch.Tensor | None]) -> list[torch.Tensor]:
+        """One batch's gradient as ``(1, *shape)`` columns, detached; zeros for parameters the loss does not use."""
+        return [(torch.zeros_like(leaf) if g is None else g.detach()).unsqueeze(0) for leaf, g in zip(leaves, grads)]
+
+    def _loss_weight(self, targets: Any, inputs: Any, outputs: torch.Tensor | None = None) -> float:
+        """The batch's share of the loss's own normalizer (whatever the operator weights its products by)."""
+        return self._loss_object.mean_count(targets, inputs, outputs) if self.reduction == "mean" else 1.0
 
     def _reduce(self, total: torch.Tensor | None, first_weight: float | None, weight_sum: float, batches: int,
                 V: torch.Tensor, error: Exception | None) -> torch.Tensor:

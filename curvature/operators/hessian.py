@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -47,3 +48,9 @@ class HessianOperator(CurvatureOperator):
     def _apply(self, ctx: Any, vs: list[torch.Tensor], last_use: bool = False) -> list[torch.Tensor]:
         leaves, grads = ctx
         return vjp_columns(grads, leaves, vs, vectorize=self.vectorize, retain_graph=not last_use)
+
+    def _batch_gradients(self) -> Iterable[tuple[list[torch.Tensor], float]]:
+        """Each batch's gradient read from its kept graph (no pass once the graphs are built), else computed."""
+        if not self.keep_graph:
+            return super()._batch_gradients()
+        return ((self._gradient_columns(*ctx), weight) for ctx, weight in self._kept_contexts())
