@@ -170,6 +170,11 @@ def test_rows_and_vmap_paths_agree(case_name: str) -> None:
     rows = curvature.per_sample_gradients(*args, chunk_size=5).stack()
     vmapped = _without_rows(curvature.per_sample_gradients(*args, chunk_size=5)).stack()
     assert torch.allclose(rows, vmapped, rtol=0, atol=1e-12 * float(vmapped.abs().max()))
+    # the norms without the rows (||g a^T|| = ||g|| ||a|| for one row), by either path
+    expected = per_sample_reference(case_name).norm(dim=1)
+    for stream in (curvature.per_sample_gradients(*args, chunk_size=5),
+                   _without_rows(curvature.per_sample_gradients(*args, chunk_size=5))):
+        assert torch.allclose(stream.norms(), expected, rtol=1e-10, atol=1e-12 * float(expected.max()))
     G = curvature.GGNOperator(*args) if structured("ggn", case_name) else curvature.EmpiricalFisherOperator(*args)
     rows = per_sample_diagonals(G, chunk_size=5).stack()
     vmapped = _without_rows(per_sample_diagonals(G, chunk_size=5)).stack()

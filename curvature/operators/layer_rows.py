@@ -78,14 +78,16 @@ class RowLayers:
                 handle.remove()
 
     def pullbacks(self, state: dict[str, torch.Tensor], params: list[torch.Tensor], inputs: Any, cols: torch.Tensor,
-                  square: bool, out: torch.Tensor, offsets: list[int], reduce: bool = False) -> set[int]:
+                  square: bool, out: torch.Tensor, offsets: list[int], mode: str = "rows") -> set[int]:
         r"""Each row layer's per-sample pullbacks of ``cols`` (``(K, n, *z_sample)``) for the samples of ``inputs``.
 
         Each parameter's ``(n, numel)`` columns of ``out`` (which start at ``offsets[i]``) receive the pullback of the
         single column (``square=False``), or the sum over the columns of the squared pullbacks (``square=True``),
         written in place where the layout allows (one pass over the result, as BackPACK's per-parameter tensors).
-        With ``reduce``, ``out`` is ``(1, P)`` and receives the sum over the samples instead, which for one row is a
-        single matrix product per layer, :math:`\sum_n g_n a_n^\top = G^\top A` (never a per-sample matrix).
+        With ``mode="sum"``, ``out`` is ``(1, P)`` and receives the sum over the samples instead, which for one row is
+        a single matrix product per layer, :math:`\sum_n g_n a_n^\top = G^\top A` (never a per-sample matrix). With
+        ``mode="norms"`` (gradients), ``out`` is ``(n, parameters)`` and receives each parameter's squared norm per
+        sample, for one row :math:`\|g a^\top\|^2 = \|g\|^2 \|a\|^2` (BackPACK's ``BatchL2Grad``).
         On the first call, the rows are checked to rebuild autograd's gradient; a layer that fails (its parameter is
         also used elsewhere) is dropped from :attr:`layers`, and its parameters are not written.
 
@@ -111,7 +113,7 @@ class RowLayers:
             start += len(c)
             if not c:  # never called: its gradient is zero
                 for i in layer.indices:
-                    _slot(out, offsets, i, self._shapes).zero_()
+                    (out[:, i] if mode == "norms" else _slot(out, offsets, i, self._shapes)).zero_()
                 written.update(layer.indices)
                 continue
             a = _cat([layer.input_rows(x) for x, _ in c])  # (n, R, groups, in)
@@ -121,12 +123,15 @@ class RowLayers:
             if check and not self._rebuilds(layer, a, g[0], grads, outputs, leaves):
                 failed.append(layer)
                 continue
-            if not _write_plain(layer, a, g, square, out, offsets, self._shapes, reduce):
+            if not _write_plain(layer, a, g, square, out, offsets, self._shapes, mode):
                 matrix = _squared(layer, a, g) if square else per_sample_gradients(layer, a, g[0])
-                if reduce:
+                if mode == "sum":
                     matrix = matrix.sum(0, keepdim=True)
                 for i, value in layer.from_matrix(matrix, self._shapes).items():
-                    _slot(out, offsets, i, self._shapes).copy_(value.reshape(out.shape[0], -1))
+                    if mode == "norms":
+                        out[:, i] = value.reshape(n, -1).square().sum(1)
+                    else:
+                        _slot(out, offsets, i, self._shapes).copy_(value.reshape(out.shape[0], -1))
             written.update(layer.indices)
         if check:
             self.layers = [layer for layer in self.layers if layer not in failed]
@@ -153,15 +158,18 @@ def _slot(out: torch.Tensor, offsets: list[int], i: int, shapes: dict[int, torch
 
 
 def _write_plain(layer: Layer, a: torch.Tensor, g: torch.Tensor, square: bool, out: torch.Tensor,
-                 offsets: list[int], shapes: dict[int, torch.Size], reduce: bool) -> bool:
+                 offsets: list[int], shapes: dict[int, torch.Size], mode: str) -> bool:
     r"""A ``Linear`` or convolution with one group, written straight into ``out``; False for other layers.
 
     With one row the weight's rows are the outer products :math:`g a^\top` (or :math:`(\sum_k g_k^{\odot 2})
     (a^{\odot 2})^\top`), the bias's :math:`g`; with several, the per-sample matrix products
-    :math:`\sum_r g_r a_r^\top` of each column. With ``reduce``, their sums over the samples, as matrix products.
+    :math:`\sum_r g_r a_r^\top` of each column. ``mode`` as for :meth:`RowLayers.pullbacks`.
     """
     if layer.kind != "kronecker" or layer.groups != 1:
         return False
+    if mode == "norms":
+        return _write_norms(layer, a, g[0], out)
+    reduce = mode == "sum"
     rows = out.shape[0]
     fan_in = a.shape[-1] - (1 if layer.bias is not None and layer.weight is not None else 0)
     if a.shape[1] == 1:
@@ -185,6 +193,20 @@ def _write_plain(layer: Layer, a: torch.Tensor, g: torch.Tensor, square: bool, o
         weight.copy_(g1.flatten(0, 1).T @ a_w.flatten(0, 1) if reduce else torch.bmm(g1.transpose(1, 2), a_w))
     if layer.bias is not None:
         _slot(out, offsets, layer.bias, shapes).copy_(g1.sum((0, 1)).unsqueeze(0) if reduce else g1.sum(1))
+    return True
+
+
+def _write_norms(layer: Layer, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> bool:
+    """Each sample's squared gradient norm of a one-group ``Linear`` or convolution's weight and bias."""
+    fan_in = a.shape[-1] - (1 if layer.bias is not None and layer.weight is not None else 0)
+    a_w, g1 = a[:, :, 0, :fan_in], g[:, :, 0]  # (n, R, in), (n, R, out)
+    if layer.weight is not None:
+        if a.shape[1] == 1:  # ||g a^T||^2 = ||g||^2 ||a||^2
+            out[:, layer.weight] = g1[:, 0].square().sum(1) * a_w[:, 0].square().sum(1)
+        else:
+            out[:, layer.weight] = torch.bmm(g1.transpose(1, 2), a_w).square().sum((1, 2))
+    if layer.bias is not None:
+        out[:, layer.bias] = g1.sum(1).square().sum(1)
     return True
 
 

@@ -104,10 +104,14 @@ class PerSample:
 
     # -- the stream -------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[PerSampleChunk]:
-        return self._stream(reduce=False)
+        return self._stream("rows")
 
-    def _stream(self, reduce: bool) -> Iterator[PerSampleChunk]:
-        """The chunks; with ``reduce`` each chunk's values are its rows' sum ``(1, P)`` (never the rows)."""
+    def _stream(self, mode: str) -> Iterator[PerSampleChunk]:
+        """The chunks, as rows or reduced.
+
+        ``"rows"``: each chunk's ``(n, P)`` rows; ``"sum"``: their sums ``(1, P)``, never forming the rows;
+        ``"norms"`` (gradients only): each row's squared norm per parameter, ``(n, parameters)``.
+        """
         op = self._op
         op._sync_with_model()
         weight_sum, start, batches = 0.0, 0, 0
@@ -117,7 +121,7 @@ class PerSample:
                 if n == 0:
                     continue
                 inputs, targets = op._prepare_batch(*batch)
-                weight = yield from self._batch(index, inputs, targets, start, n, reduce)
+                weight = yield from self._batch(index, inputs, targets, start, n, mode)
                 weight_sum += weight
                 start += n
                 batches += 1
@@ -128,7 +132,7 @@ class PerSample:
         self.normalizer = weight_sum if op.reduction == "mean" else 1.0
         self.num_samples = start
 
-    def _batch(self, index: int, inputs: Any, targets: Any, start: int, n: int, reduce: bool
+    def _batch(self, index: int, inputs: Any, targets: Any, start: int, n: int, mode: str
                ) -> Iterator[PerSampleChunk]:
         op = self._op
         state = op._state()
@@ -151,13 +155,13 @@ class PerSample:
             end = min(n, begin + chunk)
             indices = torch.arange(start + begin, start + end, device=op.device)
             if factor == 0:  # a batch whose targets are all ignored adds nothing (its columns may be 0/0)
-                yield PerSampleChunk(indices, torch.zeros(1 if reduce else end - begin, P, dtype=op.dtype,
-                                                          device=op.device))
+                shape = (1, P) if mode == "sum" else (end - begin, len(op._sizes) if mode == "norms" else P)
+                yield PerSampleChunk(indices, torch.zeros(shape, dtype=op.dtype, device=op.device))
                 continue
             cols = _expand_units(columns[:, begin:end], unit_dims)  # (K, n, *z_sample)
             if factor != 1.0:
                 cols = cols * (math.sqrt(factor) if self._square else factor)
-            yield PerSampleChunk(indices, self._values(inputs, n, begin, end, cols, reduce))
+            yield PerSampleChunk(indices, self._values(inputs, n, begin, end, cols, mode))
         return weight
 
     def _row_layers(self) -> RowLayers:
@@ -165,8 +169,8 @@ class PerSample:
             self._rows = RowLayers(self._op.model, self._op._params, self._op.param_names)
         return self._rows
 
-    def _values(self, inputs: Any, n: int, begin: int, end: int, cols: torch.Tensor, reduce: bool) -> torch.Tensor:
-        """The rows of the samples ``begin:end``: ``(samples, P)``, or their sum ``(1, P)`` with ``reduce``.
+    def _values(self, inputs: Any, n: int, begin: int, end: int, cols: torch.Tensor, mode: str) -> torch.Tensor:
+        """The rows of the samples ``begin:end``, their sum or their norms, as :meth:`_stream`'s ``mode`` says.
 
         Each parameter comes from its layer's rows (:class:`~curvature.operators.layer_rows.RowLayers`) or by vmap.
         """
@@ -174,18 +178,22 @@ class PerSample:
         state = op._state()
         part = _sample_slice(inputs, n, begin, end)
         primals = [p.detach() for p in op._params]
-        out = torch.empty(1 if reduce else end - begin, op.shape[0], dtype=cols.dtype, device=cols.device)
+        shape = (1, op.shape[0]) if mode == "sum" else (end - begin, len(primals) if mode == "norms" else op.shape[0])
+        out = torch.empty(shape, dtype=cols.dtype, device=cols.device)
         offsets = [0]
         for size in op._sizes[:-1]:
             offsets.append(offsets[-1] + size)
-        written = self._row_layers().pullbacks(state, primals, part, cols, self._square, out, offsets, reduce)
+        written = self._row_layers().pullbacks(state, primals, part, cols, self._square, out, offsets, mode)
         rest = [i for i in range(len(primals)) if i not in written]
         if rest:
             pulled = self._pullback(inputs, n, begin, end, cols, rest)  # (samples, K, P_rest)
             values = pulled.square().sum(1) if self._square else pulled[:, 0]
-            values = values.sum(0, keepdim=True) if reduce else values
+            values = values.sum(0, keepdim=True) if mode == "sum" else values
             for i, value in zip(rest, values.split([op._sizes[i] for i in rest], dim=1)):
-                out[:, offsets[i]:offsets[i] + op._sizes[i]] = value
+                if mode == "norms":
+                    out[:, i] = value.square().sum(1)
+                else:
+                    out[:, offsets[i]:offsets[i] + op._sizes[i]] = value
         return out
 
     def _pullback(self, inputs: Any, n: int, begin: int, end: int, cols: torch.Tensor, which: list[int]
@@ -222,13 +230,20 @@ class PerSample:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def norms(self) -> torch.Tensor:
-        """Each sample's row norm, ``(N,)``: for gradients, the GraNd score at these parameters (Paul et al. 2021)."""
-        return self.map(lambda v: torch.linalg.vector_norm(v, dim=1))
+        r"""Each sample's row norm, ``(N,)``: for gradients, the GraNd score at these parameters (Paul et al. 2021).
+
+        For gradients, without forming the rows of the layers' parameters: :math:`\|g a^\top\|^2 =
+        \|g\|^2 \|a\|^2` for one row per sample (BackPACK's ``BatchL2Grad``).
+        """
+        if self._square:
+            return self.map(lambda v: torch.linalg.vector_norm(v, dim=1))
+        parts = [chunk.values.sum(1).sqrt() for chunk in self._stream("norms")]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def sum(self) -> torch.Tensor:
         r""":math:`\sum_n` of the rows, ``(P,)``, accumulated in float64 where the rows are float32 or lower."""
         total = torch.zeros(self._op.shape[0], dtype=_accumulation_dtype(self._op.dtype), device=self._op.device)
-        for chunk in self._stream(reduce=True):
+        for chunk in self._stream("sum"):
             total += chunk.values[0].to(total.dtype)
         return total.to(self._op.dtype)
 
