@@ -21,6 +21,7 @@ PACKAGE_LAYERS = {
     "linalg": LINALG,
     "reference": REFERENCE,
     "sharpness": JOBS,
+    "blocks": JOBS,
     "monitor": JOBS,
     "optim": JOBS,
     "regularizers": JOBS,
