@@ -24,16 +24,36 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from .._func import model_outputs
+from .._tree import map_leaves
 from .kronecker.layers import Layer, factored_layers
 from .kronecker.statistics import backward_columns, per_sample_gradients, summed_gradient
 
-__all__ = ["RowLayers"]
+__all__ = ["CHECK_SAMPLES", "Recording", "RowLayers"]
+
+#: The samples the first chunk's check of the rows against autograd uses.
+CHECK_SAMPLES = 8
+
+
+class Recording(NamedTuple):
+    """A forward pass of :meth:`RowLayers.record`.
+
+    Attributes:
+        outputs: The model's outputs, with their graph.
+        calls: Each layer's recorded calls ``(input, output)``.
+        leaves: The parameter leaves the graph starts from.
+        layers: The layers recorded (the check may drop some afterwards).
+    """
+
+    outputs: torch.Tensor
+    calls: list[list[tuple[torch.Tensor, torch.Tensor]]]
+    leaves: list[torch.Tensor]
+    layers: list[Layer]
 
 
 class RowLayers:
@@ -77,8 +97,22 @@ class RowLayers:
             for handle in handles:
                 handle.remove()
 
+    def record(self, state: dict[str, torch.Tensor], params: list[torch.Tensor], inputs: Any,
+               forward: Callable[[dict[str, torch.Tensor], Any], torch.Tensor] | None = None) -> Recording:
+        """One forward pass with the layers' inputs and outputs recorded and the graph kept, for :meth:`pullbacks`.
+
+        Its outputs (detached) are the model's outputs for the columns, so that a batch in one chunk takes one forward
+        pass, not two. ``forward(state, inputs)`` calls the model (default: ``model_outputs`` on this model).
+        """
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        call = forward or (lambda st, x: model_outputs(self.model, st, x))
+        with torch.enable_grad(), self._recorded() as records:
+            z = call({**state, **dict(zip(self.names, leaves))}, inputs)
+        return Recording(z, [records.get(i, []) for i in range(len(self.layers))], leaves, list(self.layers))
+
     def pullbacks(self, state: dict[str, torch.Tensor], params: list[torch.Tensor], inputs: Any, cols: torch.Tensor,
-                  square: bool, out: torch.Tensor, offsets: list[int], mode: str = "rows") -> set[int]:
+                  square: bool, out: torch.Tensor, offsets: list[int], mode: str = "rows",
+                  recording: Recording | None = None) -> set[int]:
         r"""Each row layer's per-sample pullbacks of ``cols`` (``(K, n, *z_sample)``) for the samples of ``inputs``.
 
         Each parameter's ``(n, numel)`` columns of ``out`` (which start at ``offsets[i]``) receive the pullback of the
@@ -91,39 +125,23 @@ class RowLayers:
         On the first call, the rows are checked to rebuild autograd's gradient; a layer that fails (its parameter is
         also used elsewhere) is dropped from :attr:`layers`, and its parameters are not written.
 
+        With ``recording`` (:meth:`record` on the same ``inputs``), its forward pass is used instead of a new one.
+
         Returns:
             The indices of the parameters written.
         """
+        if not self.checked:
+            self._check(state, params, inputs, cols)
         if not self.layers:
             return set()
-        leaves = [p.detach().requires_grad_(True) for p in params]
-        check = not self.checked
-        with torch.enable_grad(), self._recorded() as records:
-            z = model_outputs(self.model, {**state, **dict(zip(self.names, leaves))}, inputs)
-            calls = [records.get(i, []) for i in range(len(self.layers))]
-            outputs = [s for c in calls for _, s in c]
-            targets = outputs + ([leaves[i] for i in sorted(self.indices)] if check else [])
-            grads = backward_columns(z, targets, list(cols)) if targets else []
-        n, K = cols.shape[1], cols.shape[0]
+        n = cols.shape[1]
         written: set[int] = set()
-        start = 0
-        failed: list[Layer] = []
-        for layer, c in zip(self.layers, calls):
-            parts = grads[start:start + len(c)]
-            start += len(c)
-            if not c:  # never called: its gradient is zero
+        for layer, rows in zip(self.layers, self._rows(state, params, inputs, cols, recording=recording)):
+            if rows is None:  # never called: its gradient is zero
                 for i in layer.indices:
                     (out[:, i] if mode == "norms" else _slot(out, offsets, i, self._shapes)).zero_()
-                written.update(layer.indices)
-                continue
-            a = _cat([layer.input_rows(x) for x, _ in c])  # (n, R, groups, in)
-            g = _cat([torch.zeros(K, *s.shape, dtype=s.dtype, device=s.device) if p is None else
-                      layer.output_rows(p.flatten(0, 1)).unflatten(0, (K, n)) for p, (_, s) in zip(parts, c)],
-                     dim=2)  # (K, n, R, groups, out)
-            if check and not self._rebuilds(layer, a, g[0], grads, outputs, leaves):
-                failed.append(layer)
-                continue
-            if not _write_plain(layer, a, g, square, out, offsets, self._shapes, mode):
+            elif not _write_plain(layer, *rows, square, out, offsets, self._shapes, mode):
+                a, g = rows
                 matrix = _squared(layer, a, g) if square else per_sample_gradients(layer, a, g[0])
                 if mode == "sum":
                     matrix = matrix.sum(0, keepdim=True)
@@ -133,23 +151,75 @@ class RowLayers:
                     else:
                         _slot(out, offsets, i, self._shapes).copy_(value.reshape(out.shape[0], -1))
             written.update(layer.indices)
-        if check:
-            self.layers = [layer for layer in self.layers if layer not in failed]
-            self.checked = True
         return written
 
-    def _rebuilds(self, layer: Layer, a: torch.Tensor, g: torch.Tensor, grads: list[Any],
-                  outputs: list[torch.Tensor], leaves: list[torch.Tensor]) -> bool:
-        """Whether the rows' gradient of the first column is autograd's, to the square root of the unit roundoff."""
+    def _rows(self, state: dict[str, torch.Tensor], params: list[torch.Tensor], inputs: Any, cols: torch.Tensor,
+              leaves_out: list[Any] | None = None, recording: Recording | None = None
+              ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Each layer's input rows ``(n, R, groups, in)`` and output rows ``(K, n, R, groups, out)`` (None: not called).
+
+        One forward pass recording the layers and one batched backward pass of the columns; with ``leaves_out`` the
+        backward pass also reaches the parameters, whose gradients (and leaves) are appended to it.
+        """
+        z, calls, leaves, _ = recording or self.record(state, params, inputs)
+        every = {id(layer) for layer in self.layers}
+        if recording is not None:  # recorded before the check dropped layers: keep the calls of those that remain
+            calls = [c for layer, c in zip(recording.layers, calls) if id(layer) in every]
+        n, K = cols.shape[1], cols.shape[0]
+        with torch.enable_grad():
+            outputs = [s for c in calls for _, s in c]
+            wanted = [leaves[i] for i in sorted(self.indices)] if leaves_out is not None else []
+            grads = backward_columns(z, outputs + wanted, list(cols)) if outputs or wanted else []
+        if leaves_out is not None:
+            leaves_out.extend([leaves, grads[len(outputs):]])
+        result: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        start = 0
+        for layer, c in zip(self.layers, calls):
+            parts = grads[start:start + len(c)]
+            start += len(c)
+            if not c:
+                result.append(None)
+                continue
+            a = _cat([layer.input_rows(x) for x, _ in c])
+            g = _cat([torch.zeros(K, *s.shape, dtype=s.dtype, device=s.device) if p is None else
+                      layer.output_rows(p.flatten(0, 1)).unflatten(0, (K, n)) for p, (_, s) in zip(parts, c)], dim=2)
+            result.append((a, g))
+        return result
+
+    def _check(self, state: dict[str, torch.Tensor], params: list[torch.Tensor], inputs: Any, cols: torch.Tensor
+               ) -> None:
+        """Drop the layers whose rows do not rebuild autograd's gradient (a parameter also used elsewhere).
+
+        One pass of its own, on the first column and at most 8 samples: the rows' summed gradient against autograd's,
+        to the square root of the unit roundoff relative to the terms' magnitude (so that cancellation at a minimum
+        is not mistaken for a missing use).
+        """
+        self.checked = True
+        if not self.layers:
+            return
+        m = min(cols.shape[1], CHECK_SAMPLES)
+        part = map_leaves(lambda t: t[:m] if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == cols.shape[1]
+                          else t, inputs)
+        extra: list[Any] = []
+        rows = self._rows(state, params, part, cols[:1, :m], extra)
+        leaves, leaf_grads = extra
         order = sorted(self.indices)
-        leaf_grads = {i: grads[len(outputs) + order.index(i)] for i in layer.indices}
-        actual = {i: (torch.zeros_like(leaves[i]).unsqueeze(0) if leaf_grads[i] is None else leaf_grads[i][:1])
-                  for i in layer.indices}
-        expected = layer.to_matrix(actual)[0]
-        rebuilt = summed_gradient(layer, a, g)
-        magnitude = summed_gradient(layer, a.abs(), g.abs())
-        scale = max(float(magnitude.max()), float(expected.abs().max()))
-        return scale == 0 or float((expected - rebuilt).abs().max()) <= math.sqrt(torch.finfo(a.dtype).eps) * scale
+        kept = []
+        for layer, found in zip(self.layers, rows):
+            actual = {i: (torch.zeros_like(leaves[i]) if leaf_grads[order.index(i)] is None
+                          else leaf_grads[order.index(i)][0]).unsqueeze(0) for i in layer.indices}
+            expected = layer.to_matrix(actual)[0]
+            if found is None:
+                if float(expected.abs().max()) == 0:
+                    kept.append(layer)
+                continue
+            a, g = found
+            rebuilt = summed_gradient(layer, a, g[0])
+            magnitude = summed_gradient(layer, a.abs() if a.is_floating_point() else a, g[0].abs())
+            scale = max(float(magnitude.max()), float(expected.abs().max()))
+            if scale == 0 or float((expected - rebuilt).abs().max()) <= math.sqrt(torch.finfo(g.dtype).eps) * scale:
+                kept.append(layer)
+        self.layers = kept
 
 
 def _slot(out: torch.Tensor, offsets: list[int], i: int, shapes: dict[int, torch.Size]) -> torch.Tensor:
@@ -200,9 +270,12 @@ def _write_norms(layer: Layer, a: torch.Tensor, g: torch.Tensor, out: torch.Tens
     """Each sample's squared gradient norm of a one-group ``Linear`` or convolution's weight and bias."""
     fan_in = a.shape[-1] - (1 if layer.bias is not None and layer.weight is not None else 0)
     a_w, g1 = a[:, :, 0, :fan_in], g[:, :, 0]  # (n, R, in), (n, R, out)
+    rows, fan_out = a.shape[1], g1.shape[-1]
     if layer.weight is not None:
-        if a.shape[1] == 1:  # ||g a^T||^2 = ||g||^2 ||a||^2
+        if rows == 1:  # ||g a^T||^2 = ||g||^2 ||a||^2
             out[:, layer.weight] = g1[:, 0].square().sum(1) * a_w[:, 0].square().sum(1)
+        elif rows * (fan_in + fan_out) < fan_in * fan_out:  # the Gram form: sum_{r,r'} (g_r.g_r')(a_r.a_r')
+            out[:, layer.weight] = (torch.bmm(g1, g1.transpose(1, 2)) * torch.bmm(a_w, a_w.transpose(1, 2))).sum((1, 2))
         else:
             out[:, layer.weight] = torch.bmm(g1.transpose(1, 2), a_w).square().sum((1, 2))
     if layer.bias is not None:
@@ -222,10 +295,10 @@ def _squared(layer: Layer, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
             copies = a2.shape[-1] // g2.shape[-1]
             return (a2 * g2.repeat(1, 1, copies)).unsqueeze(2)
         return g2.unsqueeze(-1) * a2.unsqueeze(-2)
-    total = None
-    for gk in g:
-        term = per_sample_gradients(layer, a, gk).square()
-        total = term if total is None else total + term
+    total = per_sample_gradients(layer, a, g[0]).square_()
+    for gk in g[1:]:
+        term = per_sample_gradients(layer, a, gk)
+        total.addcmul_(term, term)
     return total
 
 

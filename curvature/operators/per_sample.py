@@ -42,7 +42,7 @@ from .._modes import autograd_enabled
 from .._tree import map_leaves
 from .curvature import CurvatureOperator
 from .data import batch_size
-from .layer_rows import RowLayers
+from .layer_rows import Recording, RowLayers
 from .losses import check_additive
 
 __all__ = ["PerSample", "PerSampleChunk", "gradient_norms", "per_sample_diagonals", "per_sample_gradients"]
@@ -136,20 +136,30 @@ class PerSample:
                ) -> Iterator[PerSampleChunk]:
         op = self._op
         state = op._state()
-        with torch.no_grad():
-            outputs = op._forward(f"batch {index} of data", state, inputs)
+        rows = self._row_layers()
+        P, P_rows = op.shape[0], sum(op._sizes[i] for i in rows.indices)
+        where = f"batch {index} of data"
+        recording = None
+        if rows.layers and (self.chunk_size or n) >= n and n * (1 + self._square) * P_rows * op.dtype.itemsize <= \
+                CHUNK_BYTES:  # one chunk: its recorded forward pass gives the outputs too
+            recording = rows.record(state, [p.detach() for p in op._params], inputs,
+                                    lambda st, x: op._forward(where, st, x))
+            outputs = recording.outputs.detach()
+        else:
+            with torch.no_grad():
+                outputs = op._forward(where, state, inputs)
         op._check_batch(index, outputs, targets, inputs)
         if op._loss_object.kind == "other" and n > 1:  # a per-sample split needs a loss that does not couple samples
             check_additive(op.loss_fn, outputs, targets, inputs, op.reduction, f"batch {index} of data")
         weight = op._weight(targets, inputs, outputs)
         columns, unit_dims, scale = self._columns(outputs, targets, index)
         per_sample_columns = columns.shape[0] * _unit_count(columns.shape[2:], unit_dims)
-        rows = self._row_layers()
-        P, P_rows = op.shape[0], sum(op._sizes[i] for i in rows.indices)
         # memory per sample: the rows' results (and their squares), the vmap path's pullbacks of every column
         per_sample_bytes = columns.element_size() * ((1 + self._square) * P_rows + (P - P_rows) * per_sample_columns
                                                      + per_sample_columns * math.prod(columns.shape[2:]))
         chunk = self.chunk_size or max(1, CHUNK_BYTES // max(1, per_sample_bytes))
+        if chunk < n:
+            recording = None  # several chunks: each records its own forward pass
         factor = weight * scale  # folded into the columns: w_b s (J^T c)^2 = (J^T sqrt(w_b s) c)^2
         for begin in range(0, n, chunk):
             end = min(n, begin + chunk)
@@ -161,7 +171,7 @@ class PerSample:
             cols = _expand_units(columns[:, begin:end], unit_dims)  # (K, n, *z_sample)
             if factor != 1.0:
                 cols = cols * (math.sqrt(factor) if self._square else factor)
-            yield PerSampleChunk(indices, self._values(inputs, n, begin, end, cols, mode))
+            yield PerSampleChunk(indices, self._values(inputs, n, begin, end, cols, mode, recording))
         return weight
 
     def _row_layers(self) -> RowLayers:
@@ -169,7 +179,8 @@ class PerSample:
             self._rows = RowLayers(self._op.model, self._op._params, self._op.param_names)
         return self._rows
 
-    def _values(self, inputs: Any, n: int, begin: int, end: int, cols: torch.Tensor, mode: str) -> torch.Tensor:
+    def _values(self, inputs: Any, n: int, begin: int, end: int, cols: torch.Tensor, mode: str,
+                recording: Recording | None = None) -> torch.Tensor:
         """The rows of the samples ``begin:end``, their sum or their norms, as :meth:`_stream`'s ``mode`` says.
 
         Each parameter comes from its layer's rows (:class:`~curvature.operators.layer_rows.RowLayers`) or by vmap.
@@ -183,7 +194,7 @@ class PerSample:
         offsets = [0]
         for size in op._sizes[:-1]:
             offsets.append(offsets[-1] + size)
-        written = self._row_layers().pullbacks(state, primals, part, cols, self._square, out, offsets, mode)
+        written = self._row_layers().pullbacks(state, primals, part, cols, self._square, out, offsets, mode, recording)
         rest = [i for i in range(len(primals)) if i not in written]
         if rest:
             pulled = self._pullback(inputs, n, begin, end, cols, rest)  # (samples, K, P_rest)
