@@ -138,10 +138,13 @@ class PerSample:
         state = op._state()
         rows = self._row_layers()
         P, P_rows = op.shape[0], sum(op._sizes[i] for i in rows.indices)
+        # the rows' memory per sample: every row layer's result, or for sums and norms one layer's at a time
+        rows_per_sample = (1 + self._square) * (P_rows if mode == "rows" else max(
+            (sum(op._sizes[i] for i in layer.indices) for layer in rows.layers), default=0))
         where = f"batch {index} of data"
         recording = None
-        if rows.layers and (self.chunk_size or n) >= n and n * (1 + self._square) * P_rows * op.dtype.itemsize <= \
-                CHUNK_BYTES:  # one chunk: its recorded forward pass gives the outputs too
+        if rows.layers and (self.chunk_size or n) >= n and n * rows_per_sample * op.dtype.itemsize <= CHUNK_BYTES:
+            # one chunk: its recorded forward pass gives the outputs too
             recording = rows.record(state, [p.detach() for p in op._params], inputs,
                                     lambda st, x: op._forward(where, st, x))
             outputs = recording.outputs.detach()
@@ -155,7 +158,7 @@ class PerSample:
         columns, unit_dims, scale = self._columns(outputs, targets, index)
         per_sample_columns = columns.shape[0] * _unit_count(columns.shape[2:], unit_dims)
         # memory per sample: the rows' results (and their squares), the vmap path's pullbacks of every column
-        per_sample_bytes = columns.element_size() * ((1 + self._square) * P_rows + (P - P_rows) * per_sample_columns
+        per_sample_bytes = columns.element_size() * (rows_per_sample + (P - P_rows) * per_sample_columns
                                                      + per_sample_columns * math.prod(columns.shape[2:]))
         chunk = self.chunk_size or max(1, CHUNK_BYTES // max(1, per_sample_bytes))
         if chunk < n:
