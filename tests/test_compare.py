@@ -348,6 +348,7 @@ def _registry_draws() -> list[tuple[str, str, str, str, float, float, bool]]:
     return draws
 
 
+@pytest.mark.slow  # 20 s over the registry: CI's second pass runs it
 @pytest.mark.parametrize("kind_a, kind_b, case_name", [p for p in REGISTRY if p[0] != "fisher"])
 def test_registry_estimates_within_their_standard_errors(kind_a: str, kind_b: str, case_name: str) -> None:
     """Over 3 seeds with min(30, P − 1) probes, the estimates miss the references by 3 standard errors or less (rms)
