@@ -321,6 +321,31 @@ def test_bad_arguments() -> None:
         curvature.per_sample_gradients(model, coupled, [(x[:4], y[:4]), (x[4:], y[4:])], reduction="sum").stack()
 
 
+def test_a_model_that_couples_the_samples_is_refused() -> None:
+    """Per-sample gradients do not exist where a sample's outputs depend on the others: refused, never computed."""
+
+    class Centered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            return h - h.mean(0)  # every sample's output depends on the whole batch
+
+    model = Centered().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="couples the samples"):
+        curvature.per_sample_gradients(model, nn.CrossEntropyLoss(), (x, y)).stack()
+    with pytest.raises(ValueError, match="couples the samples"):
+        curvature.GGNOperator(model, nn.CrossEntropyLoss(), (x, y)).diagonal()
+    assert_unchanged(model, before)
+    # batches of one sample are each sample alone: defined, and computed
+    singles = [(x[i:i + 1], y[i:i + 1]) for i in range(6)]
+    assert curvature.per_sample_gradients(model, nn.CrossEntropyLoss(), singles).stack().shape == (6, 8)
+
+
 def test_transformer_sequences() -> None:
     """The tiny GPT (attention, LayerNorm, tied embeddings, (N, V, T) logits): per-sample gradients and the GGN
     diagonal, one pullback per class and position."""

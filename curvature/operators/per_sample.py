@@ -42,7 +42,7 @@ from .._modes import autograd_enabled
 from .._tree import map_leaves
 from .curvature import CurvatureOperator
 from .data import batch_size
-from .layer_rows import Recording, RowLayers
+from .layer_rows import CHECK_SAMPLES, Recording, RowLayers
 from .losses import check_additive
 
 __all__ = ["PerSample", "PerSampleChunk", "gradient_norms", "per_sample_diagonals", "per_sample_gradients"]
@@ -98,6 +98,7 @@ class PerSample:
         self.batches = 0
         self._vmap_failed = False
         self._rows: RowLayers | None = None
+        self._separable = False  # whether the model's outputs were checked not to couple the samples
 
     def __repr__(self) -> str:
         return f"PerSample({self._what}, P={self._op.shape[0]}, chunk_size={self.chunk_size})"
@@ -152,6 +153,8 @@ class PerSample:
             with torch.no_grad():
                 outputs = op._forward(where, state, inputs)
         op._check_batch(index, outputs, targets, inputs)
+        if not self._separable and n > 1:
+            self._check_separable(state, inputs, outputs, n, where)
         if op._loss_object.kind == "other" and n > 1:  # a per-sample split needs a loss that does not couple samples
             check_additive(op.loss_fn, outputs, targets, inputs, op.reduction, f"batch {index} of data")
         weight = op._weight(targets, inputs, outputs)
@@ -176,6 +179,32 @@ class PerSample:
                 cols = cols * (math.sqrt(factor) if self._square else factor)
             yield PerSampleChunk(indices, self._values(inputs, n, begin, end, cols, mode, recording))
         return weight
+
+    def _check_separable(self, state: dict[str, torch.Tensor], inputs: Any, outputs: torch.Tensor, n: int,
+                         where: str) -> None:
+        """Refuse a model whose outputs for some samples change when the others are left out.
+
+        Per-sample quantities exist only where each sample's outputs depend on that sample alone: a forward pass over
+        a batch that mixes the samples (a mean over the batch, an attention across it) would give rows that are
+        neither the batch's gradient split by sample nor each sample's own. The first samples' outputs computed alone
+        are compared with theirs in the batch, once per stream, to the square root of the unit roundoff.
+        """
+        m = min(CHECK_SAMPLES, n // 2)
+        with torch.no_grad():
+            alone = self._op._forward(where, state, _sample_slice(inputs, n, 0, m))
+        batched = outputs[:m]
+        scale = float(batched.abs().max()) if batched.numel() else 0.0
+        if alone.shape != batched.shape or float((alone - batched).abs().max()) > \
+                math.sqrt(torch.finfo(outputs.dtype).eps) * max(scale, torch.finfo(outputs.dtype).tiny):
+            raise ValueError(
+                f"{where}: the model's outputs for its first {m} samples change when the other samples of the "
+                "batch are left out, so its forward pass couples the samples (a mean or a normalization over the "
+                "batch, attention across it) and per-sample quantities are not defined. Make the model treat samples "
+                "independently (eval mode for batch statistics), or pass batches of one sample (each sample alone); "
+                "for the diagonal of the batch's curvature as it is, use an estimate: "
+                "curvature.diagonal(op, method='hutchinson')."
+            )
+        self._separable = True
 
     def _row_layers(self) -> RowLayers:
         if self._rows is None:
