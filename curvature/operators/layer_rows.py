@@ -32,7 +32,7 @@ from torch import nn
 from .._func import model_outputs
 from .._tree import map_leaves
 from .kronecker.layers import Layer, factored_layers
-from .kronecker.statistics import backward_columns, per_sample_gradients, summed_gradient
+from .kronecker.statistics import backward_columns, per_sample_gradients, rows_rebuild
 
 __all__ = ["CHECK_SAMPLES", "Recording", "RowLayers"]
 
@@ -190,9 +190,8 @@ class RowLayers:
                ) -> None:
         """Drop the layers whose rows do not rebuild autograd's gradient (a parameter also used elsewhere).
 
-        One pass of its own, on the first column and at most 8 samples: the rows' summed gradient against autograd's,
-        to the square root of the unit roundoff relative to the terms' magnitude (so that cancellation at a minimum
-        is not mistaken for a missing use).
+        One pass of its own, on the first column and at most 8 samples: the rows' summed gradient against autograd's
+        (:func:`~curvature.operators.kronecker.statistics.rows_rebuild`, the rule K-FAC's check uses).
         """
         self.checked = True
         if not self.layers:
@@ -214,10 +213,7 @@ class RowLayers:
                     kept.append(layer)
                 continue
             a, g = found
-            rebuilt = summed_gradient(layer, a, g[0])
-            magnitude = summed_gradient(layer, a.abs() if a.is_floating_point() else a, g[0].abs())
-            scale = max(float(magnitude.max()), float(expected.abs().max()))
-            if scale == 0 or float((expected - rebuilt).abs().max()) <= math.sqrt(torch.finfo(g.dtype).eps) * scale:
+            if rows_rebuild(layer, a, g[0], expected, g.dtype):
                 kept.append(layer)
         self.layers = kept
 

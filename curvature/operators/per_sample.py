@@ -28,7 +28,6 @@ way. Never more than a chunk of ``(samples, columns, P)`` is in memory; the resu
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple
@@ -37,13 +36,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._func import model_outputs
+from .._func import model_outputs, vjp_columns
 from .._modes import autograd_enabled
 from .._tree import map_leaves
 from .curvature import CurvatureOperator
 from .data import batch_size
 from .layer_rows import CHECK_SAMPLES, Recording, RowLayers
 from .losses import check_additive
+from .losses.base import unit_masks
 
 __all__ = ["PerSample", "PerSampleChunk", "gradient_norms", "per_sample_diagonals", "per_sample_gradients"]
 
@@ -320,9 +320,10 @@ def per_sample_gradients(
     sample ``n``'s loss as ``loss_fn`` alone would average it is :math:`\nabla\ell_n / w_n` with :math:`w_n` that
     sample's count.
 
-    Computed with ``torch.func`` (``vmap`` over the samples of a ``vjp``), falling back to one backward pass per
-    sample where the model cannot be vmapped. Memory is one chunk of ``(chunk_size, P)`` rows; cost about that of
-    one gradient per chunk when vmap applies (Opacus' and BackPACK's ``BatchGrad`` compute the same rows).
+    Computed from the recorded rows of the ``Linear``, convolution and normalization layers (BackPACK's
+    ``BatchGrad`` way; ``curvature/operators/layer_rows.py``), and for every other parameter with ``torch.func``
+    (``vmap`` over the samples of a ``vjp``), falling back to one backward pass per sample where the model cannot be
+    vmapped. Memory is one chunk of ``(chunk_size, P)`` rows; cost about one gradient per chunk plus writing the rows.
 
     Args:
         model: The model (its parameters, ``.grad``, buffers, mode and the RNG are left untouched).
@@ -477,23 +478,11 @@ def _expand_units(columns: torch.Tensor, unit_dims: tuple[int, ...] | None) -> t
     A unit-wise square root holds every unit's root at once (:meth:`~curvature.operators.losses.base.Loss.
     output_hessian_sqrt`); pulled back whole, a sample's units would add cross terms that are not in the matrix.
     """
-    if unit_dims is None:
+    masks = unit_masks(columns.shape[2:], unit_dims)
+    if masks is None:
         return columns
-    z_sample = columns.shape[2:]
-    positions = [d for d in range(1, len(z_sample) + 1) if d not in unit_dims]
-    if not positions:
-        return columns
-    masks = []
-    for index in itertools.product(*(range(z_sample[d - 1]) for d in positions)):
-        mask = torch.zeros(z_sample, dtype=columns.dtype, device=columns.device)
-        where: list[Any] = [slice(None)] * len(z_sample)
-        for d, i in zip(positions, index):
-            where[d - 1] = i
-        mask[tuple(where)] = 1
-        masks.append(mask)
-    mask = torch.stack(masks)  # (U, *z_sample)
-    expanded = columns.unsqueeze(1) * mask.unsqueeze(1).unsqueeze(0)  # (k, U, n, *z_sample)
-    return expanded.flatten(0, 1)
+    masks = masks.to(columns)
+    return (columns.unsqueeze(1) * masks.unsqueeze(1).unsqueeze(0)).flatten(0, 1)  # (k, U, n, *z_sample) flattened
 
 
 def _batched_leaf(t: Any, n: int) -> bool:
@@ -516,12 +505,8 @@ def _loop_pullback(op: CurvatureOperator, state: dict[str, torch.Tensor], which:
     names = [op.param_names[i] for i in which]
     with torch.enable_grad():
         z = model_outputs(op.model, {**state, **dict(zip(names, leaves))}, x)
-        rows = []
-        for k in range(cols.shape[0]):
-            grads = torch.autograd.grad(z, leaves, cols[k], retain_graph=k + 1 < cols.shape[0], allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                   for g, p in zip(grads, leaves)]))
-    return torch.stack(rows)
+        grads = vjp_columns([z], leaves, [cols], vectorize=False, retain_graph=False)
+    return torch.cat([g.reshape(cols.shape[0], -1) for g in grads], dim=1)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

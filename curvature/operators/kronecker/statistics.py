@@ -9,7 +9,6 @@ over a process group. The functions below are the row arithmetic they share with
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -22,9 +21,10 @@ from ..._func import model_outputs
 from ..._tree import map_leaves
 from ..curvature import require_graph
 from ..data import batch_size, split_batch
+from ..losses.base import unit_masks
 from .layers import Layer
 
-__all__ = ["FactorStatistics", "backward_columns", "gram", "per_sample_gradients", "summed_gradient"]
+__all__ = ["FactorStatistics", "backward_columns", "gram", "per_sample_gradients", "rows_rebuild", "summed_gradient"]
 
 
 class FactorStatistics:
@@ -343,18 +343,11 @@ class FactorStatistics:
     def _check_reconstruction(self, rows_in: list[torch.Tensor], g_rows: list[torch.Tensor],
                               leaf_grads: tuple[torch.Tensor | None, ...]) -> None:
         """Refuse a parameter whose gradient is not the sum over its module's rows (used outside the module)."""
-        # Measured against the sum of the terms' magnitudes, so that cancellation (a gradient near zero at a minimum)
-        # is not mistaken for a missing use; the tolerance is the square root of the unit roundoff.
-        tol = math.sqrt(torch.finfo(self.dtype).eps)
         for layer, a, g in zip(self.layers, rows_in, g_rows):
             a = a.to(g.dtype) if a.is_floating_point() else a
-            rebuilt = summed_gradient(layer, a, g)
-            magnitude = float(summed_gradient(layer, a.abs() if a.is_floating_point() else a, g.abs()).max())
             actual = {i: (torch.zeros_like(self._params[i]) if leaf_grads[i] is None else leaf_grads[i]).unsqueeze(0)
                       for i in layer.indices}
-            expected = layer.to_matrix(actual)[0].to(rebuilt.dtype)
-            scale = max(magnitude, float(expected.abs().max()))
-            if scale > 0 and float((expected - rebuilt).abs().max()) > tol * scale:
+            if not rows_rebuild(layer, a, g, layer.to_matrix(actual)[0], self.dtype):
                 names = [self.param_names[i] for i in layer.indices]
                 raise ValueError(
                     f"the gradient of {names} is not the one module {layer.name!r} computes from its inputs and "
@@ -370,19 +363,27 @@ def _unit_columns(S: torch.Tensor, unit_dims: tuple[int, ...]) -> Iterator[torch
     ``S``'s column ``j`` holds the roots of every unit at once; backpropagating it whole would add cross terms
     between the units of a sample, so each unit position gets its own columns.
     """
-    z_shape = S.shape[1:]
-    positions = [d for d in range(1, len(z_shape)) if d not in unit_dims]
-    if not positions:
+    masks = unit_masks(S.shape[2:], unit_dims)
+    if masks is None:
         yield from S
         return
-    for index in itertools.product(*(range(z_shape[d]) for d in positions)):
-        mask = torch.zeros(z_shape[1:], dtype=S.dtype, device=S.device)
-        where = [slice(None)] * (len(z_shape) - 1)
-        for d, i in zip(positions, index):
-            where[d - 1] = i
-        mask[tuple(where)] = 1
+    for mask in masks.to(S):
         for column in S:
             yield column * mask
+
+
+def rows_rebuild(layer: Layer, a: torch.Tensor, g: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the rows' gradient ``sum_n sum_r g_r a_r^T`` is autograd's ``expected`` (``(groups, rows, cols)``).
+
+    Measured against the sum of the terms' magnitudes, so that cancellation (a gradient near zero at a minimum) is not
+    mistaken for a missing use; the tolerance is the square root of the unit roundoff of ``dtype``. A parameter that
+    fails is also used outside its module's forward pass (weight tying, a functional call).
+    """
+    rebuilt = summed_gradient(layer, a, g)
+    magnitude = float(summed_gradient(layer, a.abs() if a.is_floating_point() else a, g.abs()).max())
+    scale = max(magnitude, float(expected.abs().max()))
+    return scale == 0 or float((expected.to(rebuilt.dtype) - rebuilt).abs().max()) <= \
+        math.sqrt(torch.finfo(dtype).eps) * scale
 
 
 def summed_gradient(layer: Layer, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,13 @@ sample alone (empirical Fisher).
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
-__all__ = ["Loss", "OutputMatrix", "Reduction", "factor_product", "require_tensor_targets"]
+__all__ = ["Loss", "OutputMatrix", "Reduction", "factor_product", "require_tensor_targets", "unit_masks"]
 
 Reduction = Literal["mean", "sum"]
 #: A map ``U -> Lambda U`` for ``U`` of shape ``(k, *z.shape)``.
@@ -156,3 +157,34 @@ def factor_product(factor: torch.Tensor, unit_dims: tuple[int, ...]) -> OutputMa
         return (S * inner).sum(0)
 
     return product
+
+
+def unit_masks(sample_shape: tuple[int, ...], unit_dims: tuple[int, ...] | None) -> torch.Tensor | None:
+    """One 0/1 mask per unit position of a sample's outputs: ``(U, *sample_shape)``, or None for a single unit.
+
+    A unit-wise square root (:meth:`Loss.output_hessian_sqrt`) holds every unit's root at once; pulled back whole,
+    the units of one sample would add cross terms that are not in the matrix, so each column is restricted to one
+    unit position at a time (the class dimension at each position for cross-entropy, each entry for MSE and BCE).
+
+    Args:
+        sample_shape: The shape of one sample's outputs (``z.shape[1:]``).
+        unit_dims: The dimensions of ``z`` that make up one unit (:attr:`Loss.unit_dims`, counted with the batch
+            dimension as 0); None: the columns are per sample already.
+
+    Returns:
+        The masks, or None when a sample has one unit position (nothing to split).
+    """
+    if unit_dims is None:
+        return None
+    positions = [d for d in range(1, len(sample_shape) + 1) if d not in unit_dims]
+    if not positions:
+        return None
+    masks = []
+    for index in itertools.product(*(range(sample_shape[d - 1]) for d in positions)):
+        mask = torch.zeros(sample_shape)
+        where: list[Any] = [slice(None)] * len(sample_shape)
+        for d, i in zip(positions, index):
+            where[d - 1] = i
+        mask[tuple(where)] = 1
+        masks.append(mask)
+    return torch.stack(masks)
